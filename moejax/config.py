@@ -1,0 +1,272 @@
+"""Config schema, defaults, loading with overrides, and validation.
+
+Every experiment is a Python file with `get_config(arg) -> ml_collections.ConfigDict`
+that starts from `base_config()` and changes what it needs. `validate(config)` runs
+before anything is compiled and raises `ConfigError` (a ValueError) naming the field,
+the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value that is not allowed. The message names field, value, allowed."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "base"
+  c.seed = 0
+
+  m = c.model = ml_collections.ConfigDict()
+  m.vocab_size = 0  # 0: take it from the tokenizer (rounded up to a multiple of 8)
+  m.d_model = 256
+  m.num_layers = 4
+  m.num_heads = 4
+  m.num_kv_heads = 4
+  m.head_dim = 64
+  m.d_ff = 1024
+  m.max_seq_len = 0  # 0: data.seq_len; the RoPE/cache limit for generation
+  m.rope_theta = 10000.0
+  m.norm_eps = 1e-6
+  m.tie_embeddings = True
+  m.param_dtype = "float32"
+  m.compute_dtype = "float32"
+  m.remat = "none"  # none | full | dots | dots_no_batch
+  m.scan_layers = True
+  m.init_std = 0.02
+  m.logits_soft_cap = 0.0  # 0 disables
+
+  d = c.data = ml_collections.ConfigDict()
+  d.source = "embedded"  # embedded | tfds
+  d.paths = ()  # embedded: files/folders; empty -> standard library of this Python
+  d.extensions = (".py",)  # embedded: file suffixes to read from folders; () = all
+  d.val_fraction = 0.05  # embedded: fraction of files held out (hash of path)
+  d.tfds_name = ""  # tfds: e.g. "tiny_shakespeare", "lm1b"
+  d.tfds_data_dir = ""  # tfds: where the prepared dataset lives
+  d.text_key = "text"
+  d.train_split = "train"
+  d.val_split = "validation"
+  d.tokenizer = "byte"  # byte | sentencepiece
+  d.spm_model = ""
+  d.seq_len = 256
+  d.batch_size = 16
+  d.shuffle_seed = 0
+  d.cache_dir = ""  # prepared embedded dataset; "" -> ~/.cache/moejax
+  d.max_documents = 0  # 0: all
+
+  o = c.optim = ml_collections.ConfigDict()
+  o.lr = 3e-3
+  o.schedule = "cosine"  # cosine | wsd | constant
+  o.warmup_steps = 100
+  o.min_lr_ratio = 0.1  # final lr = lr * min_lr_ratio
+  o.decay_fraction = 0.2  # wsd: fraction of steps spent decaying
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.1
+  o.grad_clip = 1.0  # 0 disables
+
+  t = c.train = ml_collections.ConfigDict()
+  t.num_steps = 1000
+  t.eval_every = 200
+  t.eval_batches = 8
+  t.log_every = 20
+  t.checkpoint_every = 500
+  t.keep_checkpoints = 3
+  t.async_checkpoint = True
+  t.nan_policy = "stop"  # stop | skip
+  t.progress_bar = True
+  t.tensorboard = True
+  t.debug_nan_step = -1  # testing aid: poison the loss at this step (>= 1)
+  t.peak_flops = 0.0  # per device, for MFU; 0 -> measured matmul peak (cached)
+  return c
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Load `path/to/file.py[:arg]` and apply `field.sub=value` overrides."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  mod_spec = importlib.util.spec_from_file_location("_moejax_cfg", path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} has no get_config(arg)")
+  config = module.get_config(arg) if arg else module.get_config()
+  for ov in overrides:
+    apply_override(config, ov)
+  return config
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+  """Apply `a.b.c=value`; the value is parsed with the type of the existing field."""
+  if override.startswith("--config."):
+    override = override[len("--config."):]
+  key, sep, raw = override.partition("=")
+  if not sep:
+    raise ConfigError(f"override {override!r} must look like field.sub=value")
+  *parents, leaf = key.split(".")
+  node = config
+  for p in parents:
+    if p not in node:
+      raise ConfigError(f"override {key!r}: no config section {p!r}")
+    node = node[p]
+  if leaf not in node:
+    raise ConfigError(f"override {key!r}: unknown field; known: {sorted(node.keys())}")
+  node[leaf] = _parse_like(node[leaf], raw, key)
+
+
+def _parse_like(old: Any, raw: str, key: str) -> Any:
+  try:
+    if isinstance(old, bool):
+      if raw.lower() in ("true", "1", "yes"):
+        return True
+      if raw.lower() in ("false", "0", "no"):
+        return False
+      raise ValueError
+    if isinstance(old, int):
+      return int(raw)
+    if isinstance(old, float):
+      return float(raw)
+    if isinstance(old, (tuple, list)):
+      items = [s for s in raw.strip("()[]").split(",") if s.strip()]
+      kind = type(old[0]) if old else str
+      return tuple(kind(s.strip().strip("'\"")) for s in items)
+  except ValueError:
+    raise ConfigError(f"override {key}={raw!r}: cannot parse as {type(old).__name__}") from None
+  return raw
+
+
+# ------------------------------------------------------------------ validation
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots", "dots_no_batch")
+
+
+def _fail(field: str, value: Any, allowed: str):
+  raise ConfigError(f"config.{field} = {value!r} is not allowed: {allowed}")
+
+
+def _pos_int(c, field):
+  v = _get(c, field)
+  if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+    _fail(field, v, "must be a positive integer")
+
+
+def _nonneg_int(c, field):
+  v = _get(c, field)
+  if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+    _fail(field, v, "must be an integer >= 0")
+
+
+def _get(c, field):
+  node = c
+  for p in field.split("."):
+    node = node[p]
+  return node
+
+
+def _choice(c, field, allowed):
+  v = _get(c, field)
+  if v not in allowed:
+    _fail(field, v, f"must be one of {list(allowed)}")
+
+
+def _float_range(c, field, lo, hi, lo_open=False, hi_open=False):
+  v = _get(c, field)
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    _fail(field, v, "must be a finite number")
+  bad = (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi)
+  if bad:
+    lb = "(" if lo_open else "["
+    rb = ")" if hi_open else "]"
+    _fail(field, v, f"must lie in {lb}{lo}, {hi}{rb}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Check every field before anything is built. Raises ConfigError."""
+  m, d, o, t = config.model, config.data, config.optim, config.train
+  _nonneg_int(config, "seed")
+
+  # model
+  _nonneg_int(config, "model.vocab_size")
+  for f in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff"):
+    _pos_int(config, f"model.{f}")
+  if m.num_heads % m.num_kv_heads:
+    _fail("model.num_kv_heads", m.num_kv_heads,
+          f"must divide model.num_heads={m.num_heads} (grouped-query attention)")
+  if m.head_dim % 2:
+    _fail("model.head_dim", m.head_dim, "must be even (RoPE rotates pairs)")
+  _nonneg_int(config, "model.max_seq_len")
+  if m.max_seq_len and m.max_seq_len < d.seq_len:
+    _fail("model.max_seq_len", m.max_seq_len, f"must be 0 or >= data.seq_len={d.seq_len}")
+  _float_range(config, "model.rope_theta", 0, 1e12, lo_open=True)
+  _float_range(config, "model.norm_eps", 0, 1, lo_open=True)
+  _float_range(config, "model.init_std", 0, 10, lo_open=True)
+  _float_range(config, "model.logits_soft_cap", 0, 1e6)
+  _choice(config, "model.param_dtype", DTYPES)
+  _choice(config, "model.compute_dtype", DTYPES)
+  _choice(config, "model.remat", REMAT)
+  if not isinstance(m.tie_embeddings, bool):
+    _fail("model.tie_embeddings", m.tie_embeddings, "must be True or False")
+  if not isinstance(m.scan_layers, bool):
+    _fail("model.scan_layers", m.scan_layers, "must be True or False")
+
+  # data
+  _choice(config, "data.source", ("embedded", "tfds"))
+  _choice(config, "data.tokenizer", ("byte", "sentencepiece"))
+  if d.tokenizer == "sentencepiece" and not d.spm_model:
+    _fail("data.spm_model", d.spm_model, "a path to a sentencepiece .model file is required "
+          "when data.tokenizer='sentencepiece'")
+  if d.tokenizer == "sentencepiece" and not os.path.exists(d.spm_model):
+    _fail("data.spm_model", d.spm_model, "file does not exist")
+  if d.source == "tfds" and not d.tfds_name:
+    _fail("data.tfds_name", d.tfds_name, "a TFDS dataset name is required when data.source='tfds'")
+  if d.source == "embedded":
+    for p in d.paths:
+      if not os.path.exists(p):
+        _fail("data.paths", p, "every path must be an existing file or folder")
+  _float_range(config, "data.val_fraction", 0, 1, lo_open=True, hi_open=True)
+  _pos_int(config, "data.seq_len")
+  _pos_int(config, "data.batch_size")
+  _nonneg_int(config, "data.shuffle_seed")
+  _nonneg_int(config, "data.max_documents")
+  if m.vocab_size and d.tokenizer == "byte" and m.vocab_size < 257:
+    _fail("model.vocab_size", m.vocab_size, "must be 0 or >= 257 for the byte tokenizer")
+
+  # optim
+  _float_range(config, "optim.lr", 0, 10, lo_open=True)
+  _choice(config, "optim.schedule", ("cosine", "wsd", "constant"))
+  _nonneg_int(config, "optim.warmup_steps")
+  if o.warmup_steps >= t.num_steps and t.num_steps > 0 and o.schedule != "constant":
+    _fail("optim.warmup_steps", o.warmup_steps, f"must be < train.num_steps={t.num_steps}")
+  _float_range(config, "optim.min_lr_ratio", 0, 1)
+  _float_range(config, "optim.decay_fraction", 0, 1, lo_open=True)
+  _float_range(config, "optim.b1", 0, 1, hi_open=True)
+  _float_range(config, "optim.b2", 0, 1, hi_open=True)
+  _float_range(config, "optim.eps", 0, 1, lo_open=True)
+  _float_range(config, "optim.weight_decay", 0, 10)
+  _float_range(config, "optim.grad_clip", 0, 1e9)
+
+  # train
+  _pos_int(config, "train.num_steps")
+  _pos_int(config, "train.eval_every")
+  _nonneg_int(config, "train.eval_batches")
+  _pos_int(config, "train.log_every")
+  _pos_int(config, "train.checkpoint_every")
+  _pos_int(config, "train.keep_checkpoints")
+  _choice(config, "train.nan_policy", ("stop", "skip"))
+  _float_range(config, "train.peak_flops", 0, 1e20)
+  if not isinstance(t.debug_nan_step, int) or t.debug_nan_step < -1 or t.debug_nan_step == 0:
+    _fail("train.debug_nan_step", t.debug_nan_step, "must be -1 (off) or a step >= 1")
+  for f in ("async_checkpoint", "progress_bar", "tensorboard"):
+    if not isinstance(t[f], bool):
+      _fail(f"train.{f}", t[f], "must be True or False")

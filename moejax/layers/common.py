@@ -1,0 +1,60 @@
+"""Small shared pieces: dtypes, initialisers with logical axes, RMSNorm, RoPE.
+
+Tensor names carry their shapes (NanoDO style): B batch, T length, S cache length,
+D d_model, H query heads, K kv heads, G query heads per kv head, Dh head dim, F ffn
+width, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype(name: str):
+  return _DTYPES[name]
+
+
+def param_init(std: float, axes: Sequence[str]):
+  """Normal(std) initialiser whose parameter carries logical axis names."""
+  return nn.with_logical_partitioning(nn.initializers.normal(std), tuple(axes))
+
+
+def constrain(x: Array, axes: Sequence[str | None]) -> Array:
+  """Logical sharding constraint on an activation (a no-op without rules/mesh)."""
+  return nn.with_logical_constraint(x, tuple(axes))
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm in float32; a learned scale with logical axis 'embed'."""
+  eps: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                         (x_BTD.shape[-1],), self.param_dtype)
+    x = x_BTD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * scale_D.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope(x_BTHD: Array, positions_BT: Array, theta: float) -> Array:
+  """Rotary position embedding (rotate-half convention), computed in float32."""
+  dh = x_BTHD.shape[-1]
+  freq = theta ** (-jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)  # [Dh/2]
+  angle_BTF = positions_BT.astype(jnp.float32)[..., None] * freq
+  sin = jnp.sin(angle_BTF)[:, :, None, :]
+  cos = jnp.cos(angle_BTF)[:, :, None, :]
+  x = x_BTHD.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTHD.dtype)

@@ -1,0 +1,130 @@
+"""Decoder-only language model assembled from the layers by a plain-field config.
+
+Pre-norm blocks: x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)). Identical blocks are
+stacked with `nn.scan` (parameters get a leading 'layers' axis) under a configurable
+remat policy. Every parameter carries logical axis names; the main activations are
+constrained with logical names, so sharding is a rules table, not model code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.layers.attention import Attention
+from moejax.layers.common import Array, RMSNorm, constrain, dtype, param_init
+from moejax.layers.mlp import MLP
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  d_ff: int
+  max_seq_len: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  remat: str = "none"
+  scan_layers: bool = True
+  init_std: float = 0.02
+  logits_soft_cap: float = 0.0
+
+  @classmethod
+  def from_config(cls, model_cfg: Any, *, seq_len: int, vocab_size: int) -> "LMConfig":
+    """Build from `config.model`; vocab_size=0 there means the tokenizer's (padded to 8)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in dict(model_cfg).items() if k in fields}
+    kw["vocab_size"] = model_cfg.vocab_size or -(-vocab_size // 8) * 8
+    kw["max_seq_len"] = model_cfg.max_seq_len or seq_len
+    return cls(**kw)
+
+  @property
+  def out_std(self) -> float:
+    return self.init_std / math.sqrt(2 * self.num_layers)
+
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nn.Module):
+  cfg: LMConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, positions_BT: Array):
+    c = self.cfg
+    cdt, pdt = dtype(c.compute_dtype), dtype(c.param_dtype)
+    h = RMSNorm(c.norm_eps, cdt, pdt, name="attn_norm")(x_BTD)
+    x_BTD = x_BTD + Attention(
+        c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, c.init_std, c.out_std,
+        c.max_seq_len, self.decode, cdt, pdt, name="attn")(h, positions_BT)
+    h = RMSNorm(c.norm_eps, cdt, pdt, name="ffn_norm")(x_BTD)
+    x_BTD = x_BTD + MLP(c.d_ff, c.init_std, c.out_std, cdt, pdt, name="ffn")(h)
+    return constrain(x_BTD, ("batch", "length", "embed")), None
+
+
+class LM(nn.Module):
+  """tokens [B, T] int32 -> logits [B, T, V] float32."""
+  cfg: LMConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, tokens_BT: Array, positions_BT: Array | None = None) -> Array:
+    c = self.cfg
+    cdt, pdt = dtype(c.compute_dtype), dtype(c.param_dtype)
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32),
+                                      tokens_BT.shape)
+    embed = nn.Embed(c.vocab_size, c.d_model, dtype=cdt, param_dtype=pdt,
+                     embedding_init=param_init(c.init_std, ("vocab", "embed")), name="embed")
+    x_BTD = constrain(embed(tokens_BT), ("batch", "length", "embed"))
+
+    block = Block
+    if c.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+                      split_rngs={"params": True}, in_axes=(nn.broadcast,),
+                      length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BTD, _ = stack(c, self.decode, name="layers")(x_BTD, positions_BT)
+    else:
+      for i in range(c.num_layers):
+        x_BTD, _ = block(c, self.decode, name=f"layer_{i}")(x_BTD, positions_BT)
+
+    x_BTD = RMSNorm(c.norm_eps, cdt, pdt, name="final_norm")(x_BTD)
+    if c.tie_embeddings:
+      logits_BTV = embed.attend(x_BTD)
+    else:
+      w_DV = self.param("unembed", param_init(c.init_std, ("embed", "vocab")),
+                        (c.d_model, c.vocab_size), pdt)
+      logits_BTV = x_BTD @ w_DV.astype(cdt)
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    if c.logits_soft_cap:
+      logits_BTV = c.logits_soft_cap * jnp.tanh(logits_BTV / c.logits_soft_cap)
+    return constrain(logits_BTV, ("batch", "length", "vocab"))
+
+
+def init_params(model: LM, rng: Array, batch: int = 1, length: int = 8):
+  """Boxed (logically partitioned) params; use nn.unbox for the raw arrays."""
+  tokens = jnp.zeros((batch, length), jnp.int32)
+  return model.init(rng, tokens)["params"]
+
+
+def param_count(params) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(nn.unbox(params))))

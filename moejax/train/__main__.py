@@ -1,0 +1,5 @@
+import sys
+
+from moejax.train.loop import main
+
+sys.exit(main())

@@ -1,0 +1,301 @@
+"""The training loop: the only place with effects (data, checkpoints, metrics, signals).
+
+    python -m moejax.train --config configs/quickstart.py --workdir runs/q \
+        [--config.train.num_steps=500 ...]
+
+Resumes from the newest good checkpoint in `workdir/checkpoints` with the data
+iterator and RNG state, so an interrupted run continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax import config as config_lib
+from moejax import flops as flops_lib
+from moejax import parallel
+from moejax.models.lm import LM, LMConfig
+from moejax.train import checkpoint as ckpt_lib
+from moejax.train.metrics import MetricsWriter
+from moejax.train.optimizer import make_optimizer
+from moejax.train.steps import TrainState, make_eval_step, make_train_step
+
+log = logging.getLogger("moejax")
+
+EXIT_NAN = 3
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+def _fmt_time(s: float) -> str:
+  s = int(s)
+  return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def build_model(config, vocab_size: int) -> tuple[LM, LMConfig]:
+  mc = LMConfig.from_config(config.model, seq_len=config.data.seq_len, vocab_size=vocab_size)
+  return LM(mc), mc
+
+
+def init_state(model: LM, tx, seed: int, seq_len: int) -> TrainState:
+  key = jax.random.PRNGKey(seed)
+  params = nn.unbox(model.init(jax.random.fold_in(key, 0),
+                               jnp.zeros((1, min(seq_len, 8)), jnp.int32))["params"])
+  return TrainState.create(params, tx, jax.random.fold_in(key, 1))
+
+
+def evaluate(eval_step, params, batches, bytes_per_token: float) -> dict:
+  total, count = 0.0, 0.0
+  for b in batches:
+    out = eval_step(params, b)
+    total += float(out["loss_sum"])
+    count += float(out["count"])
+  loss = total / max(count, 1.0)
+  return {"loss": loss, "bpb": loss / math.log(2) / bytes_per_token, "tokens": count}
+
+
+class _Signals:
+  """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self._old = {}
+
+  def __enter__(self):
+    for s in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[s] = signal.signal(s, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # second Ctrl-C: give up at once
+    self.received = signum
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+
+def train(config, workdir: str) -> dict:
+  """Train (or resume) the run in `workdir`. Returns the final summary dict."""
+  config_lib.validate(config)  # before anything is built or compiled
+  from moejax.data import build_data  # heavy imports only after the config is valid
+
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  t_start = time.time()
+  tc = config.train
+
+  data = build_data(config.data, seed=config.seed, process_index=jax.process_index(),
+                    process_count=jax.process_count())
+  model, mc = build_model(config, data.tokenizer.vocab_size)
+  acct = flops_lib.account(mc, config.data.seq_len)
+  tx, schedule = make_optimizer(config.optim, tc.num_steps)
+
+  mesh = parallel.make_mesh()
+  state = init_state(model, tx, config.seed, config.data.seq_len)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  peak = tc.peak_flops or flops_lib.measure_matmul_peak()
+  n_dev = jax.device_count()
+
+  meta = {
+      "name": config.name, "accounting": acct.as_dict(), "model": dataclasses.asdict(mc),
+      "data": {"fingerprint": data.fingerprint, **data.info},
+      "peak_flops_per_device": peak, "devices": n_dev, "backend": jax.default_backend(),
+      "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                   "flax": flax.__version__},
+  }
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, "run.json"), "w") as f:
+      json.dump(meta, f, indent=2, default=str)
+    print(f"[moejax] {config.name}: {acct.summary()}", flush=True)
+    print(f"[moejax] data: {data.info.get('source')} fingerprint {data.fingerprint[:12]}, "
+          f"{data.info.get('num_train_tokens', 0) / 1e6:.2f}M train / "
+          f"{data.info.get('num_val_tokens', 0) / 1e6:.2f}M val tokens; "
+          f"{n_dev} {jax.default_backend()} device(s); matmul peak {peak / 1e9:.0f} GFLOP/s/device",
+          flush=True)
+
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
+                               async_save=tc.async_checkpoint)
+  writer = MetricsWriter(workdir, tensorboard=tc.tensorboard, enabled=is_main)
+  restored = ckpt.restore_latest(jax.eval_shape(lambda: state))
+  if restored is not None:
+    payload, data_state, cmeta = restored
+    state = state.replace(**payload)
+    data.train_iter.set_state(data_state)
+    writer.truncate_after(int(cmeta["step"]))
+    if is_main:
+      print(f"[moejax] resumed from checkpoint at step {int(cmeta['step'])}", flush=True)
+  start = int(state.step)
+
+  batch_sharding = parallel.batch_sharding(mesh)
+  train_step = jax.jit(make_train_step(model.apply, debug_nan_step=tc.debug_nan_step),
+                       donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(model.apply))
+  val_batches = [_to_global(b, batch_sharding) for b in data.val_batches(tc.eval_batches)] \
+      if tc.eval_batches else []
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  bpt = data.info.get("val_bytes_per_token", 1.0)
+  evals: list[dict] = []
+
+  def run_eval(step):
+    if not val_batches:
+      return None
+    ev = evaluate(eval_step, state.params, val_batches, bpt)
+    writer.write(step, "eval", {"loss": ev["loss"], "bpb": ev["bpb"]})
+    evals.append({"step": step, **ev})
+    return ev
+
+  pbar = None
+  if is_main and tc.progress_bar:
+    from tqdm.auto import tqdm
+    pbar = tqdm(total=tc.num_steps, initial=start, desc=config.name, unit="step",
+                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30,
+                file=sys.stderr)
+  say = (pbar.write if pbar is not None else print) if is_main else (lambda *_: None)
+
+  status = "completed"
+  exit_signal = None
+  step = start
+  if start == 0:
+    ev = run_eval(0)
+    if ev:
+      say(f"step 0 | val loss {ev['loss']:.4f} | val bpb {ev['bpb']:.3f}")
+  t_window, n_window = time.time(), 0
+  train_time = 0.0
+  with _Signals() as sig:
+    while step < tc.num_steps:
+      batch = _to_global(next(data.train_iter), batch_sharding)
+      state, metrics = train_step(state, batch)
+      step += 1
+      n_window += 1
+      if not bool(metrics["finite"]):
+        msg = (f"non-finite loss/gradient at step {step} (loss={float(metrics['loss'])}, "
+               f"grad_norm={float(metrics['grad_norm'])}); the update was not applied")
+        if tc.nan_policy == "stop":
+          status = "nan"
+          say(f"[moejax] {msg}. Stopping; state and checkpoints are intact. "
+              "Set --config.train.nan_policy=skip to skip such updates instead.")
+          break
+        say(f"[moejax] {msg}; skipped (train.nan_policy=skip)")
+      if pbar is not None:
+        pbar.update(1)
+      if step % tc.log_every == 0 or step == tc.num_steps:
+        loss = float(metrics["loss"])  # syncs
+        dt = time.time() - t_window
+        train_time += dt
+        step_time = dt / n_window
+        tps = tokens_per_step * n_window / dt
+        mfu = acct.train_flops_per_token * tps / (peak * n_dev)
+        row = {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
+               "lr": float(schedule(step - 1)), "tokens_per_s": tps, "step_time_s": step_time,
+               "mfu": mfu, "tokens_seen": step * tokens_per_step}
+        writer.write(step, "train", row)
+        if pbar is not None:
+          pbar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps / 1e3:.1f}k", mfu=f"{mfu:.0%}")
+        t_window, n_window = time.time(), 0
+      if step % tc.eval_every == 0 or step == tc.num_steps:
+        ev = run_eval(step)
+        if ev:
+          say(f"step {step} | val loss {ev['loss']:.4f} | val bpb {ev['bpb']:.3f}")
+        t_window = time.time()  # eval time is not step time
+      if step % tc.checkpoint_every == 0 or step == tc.num_steps:
+        ckpt.save(step, state, data.train_iter.get_state(), {"config": config.name})
+      if sig.received is not None:
+        exit_signal = sig.received
+        ckpt.save(step, state, data.train_iter.get_state(), {"config": config.name}, wait=True)
+        status = f"interrupted by {signal.Signals(exit_signal).name}"
+        say(f"[moejax] {signal.Signals(exit_signal).name}: saved checkpoint at step {step}; "
+            "run the same command to resume.")
+        break
+  if pbar is not None:
+    pbar.close()
+  ckpt.close()
+
+  summary = {
+      "status": status, "step": step, "num_steps": tc.num_steps,
+      "tokens_seen": step * tokens_per_step, "wall_time_s": time.time() - t_start,
+      "train_time_s": train_time, "evals": evals,
+      "final_val_loss": evals[-1]["loss"] if evals else None,
+      "final_val_bpb": evals[-1]["bpb"] if evals else None,
+      "accounting": acct.as_dict(),
+  }
+  if is_main:
+    writer.close()
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    _print_summary(summary, workdir)
+  if status == "nan":
+    raise NonFiniteLoss(f"non-finite loss at step {step}")
+  if exit_signal is not None:
+    summary["exit_signal"] = exit_signal
+  return summary
+
+
+def _to_global(batch: dict, sharding) -> dict:
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def _print_summary(s: dict, workdir: str) -> None:
+  print(f"[moejax] {s['status']} at step {s['step']}/{s['num_steps']} in "
+        f"{_fmt_time(s['wall_time_s'])} ({s['tokens_seen'] / 1e6:.2f}M tokens)", flush=True)
+  if s["evals"]:
+    curve = "  ".join(f"{e['step']}:{e['bpb']:.3f}" for e in s["evals"])
+    print(f"[moejax] validation bits/byte by step: {curve}", flush=True)
+    print(f"[moejax] final validation loss {s['final_val_loss']:.4f} nats/token, "
+          f"{s['final_val_bpb']:.3f} bits/byte", flush=True)
+  print(f"[moejax] checkpoints, metrics.jsonl and TensorBoard logs in {workdir}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  overrides = [a for a in argv if a.startswith("--config.")]
+  rest = [a for a in argv if not a.startswith("--config.")]
+  p = argparse.ArgumentParser(prog="moejax.train", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default="configs/quickstart.py",
+                 help="config file, optionally with :arg (e.g. configs/quickstart.py:runlocal)")
+  p.add_argument("--workdir", required=True)
+  args = p.parse_args(rest)
+  logging.basicConfig(level=logging.WARNING, format="[moejax] %(levelname)s %(message)s")
+  try:
+    config = config_lib.load_config(args.config, overrides)
+    config_lib.validate(config)
+  except config_lib.ConfigError as e:
+    print(f"moejax: invalid config: {e}", file=sys.stderr)
+    return 2
+  try:
+    summary = train(config, args.workdir)
+  except NonFiniteLoss:
+    return EXIT_NAN
+  sig = summary.get("exit_signal")
+  return 128 + sig if sig else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
