@@ -265,7 +265,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _pos_int(config, "train.keep_checkpoints")
   _choice(config, "train.nan_policy", ("stop", "skip"))
   _float_range(config, "train.peak_flops", 0, 1e20)
-  if not isinstance(t.debug_nan_step, int) or t.debug_nan_step < -1 or t.debug_nan_step == 0:
+  if (isinstance(t.debug_nan_step, bool) or not isinstance(t.debug_nan_step, int)
+      or t.debug_nan_step < -1 or t.debug_nan_step == 0):
     _fail("train.debug_nan_step", t.debug_nan_step, "must be -1 (off) or a step >= 1")
   for f in ("async_checkpoint", "progress_bar", "tensorboard"):
     if not isinstance(t[f], bool):

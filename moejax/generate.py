@@ -78,8 +78,7 @@ def load_run(workdir: str):
   """(config, tokenizer, LMConfig, params) of the newest good checkpoint in workdir."""
   from moejax.data import make_tokenizer
   from moejax.train import checkpoint as ckpt_lib
-  from moejax.train.loop import build_model, init_state
-  from moejax.train.optimizer import make_optimizer
+  from moejax.train.loop import abstract_train_state, build_model
 
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -88,8 +87,7 @@ def load_run(workdir: str):
     config = ml_collections.ConfigDict(json.load(f))
   tok = make_tokenizer(config.data)
   model, mc = build_model(config, tok.vocab_size)
-  tx, _ = make_optimizer(config.optim, config.train.num_steps)
-  abstract = jax.eval_shape(lambda: init_state(model, tx, config.seed, config.data.seq_len))
+  abstract = abstract_train_state(config, tok.vocab_size)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   restored = ckpt.restore_latest(abstract)
   ckpt.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -61,7 +62,15 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, Any, dict] | None:
-    """Newest good checkpoint as (state payload, data state, meta), or None."""
+    """Newest good checkpoint as (state payload, data state, meta), or None.
+
+    `abstract_state` leaves should carry the target sharding (ShapeDtypeStruct with
+    .sharding) so a checkpoint written on another mesh restores onto this one.
+    Steps that failed are listed in `self.bad_steps`; nothing is moved or deleted here.
+    If checkpoints exist but none restores, raise: silently starting over would be worse.
+    """
+    bad = self.bad_steps = []
+    errors = []
     for step in reversed(self.steps()):
       try:
         out = self.manager.restore(step, args=ocp.args.Composite(
@@ -71,15 +80,39 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 - any failure means "not a good checkpoint"
         log.warning("checkpoint at step %d could not be restored (%s: %s); trying the previous one",
                     step, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        bad.append(step)
+        errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
         continue
       meta = dict(out["meta"])
       got = checksum(out["state"])
       if not _checksum_ok(meta.get("checksum", [float("nan")] * 2), got):
         log.warning("checkpoint at step %d fails its checksum (%s != %s); trying the previous one",
                     step, got, meta.get("checksum"))
+        bad.append(step)
+        errors.append(f"step {step}: checksum mismatch")
         continue
       return out["state"], out["data"], meta
+    if bad:
+      raise RuntimeError(
+          f"checkpoints exist in {self.directory} but none could be restored:\n  "
+          + "\n  ".join(errors) + "\nIf the config changed, use a new --workdir; if they are "
+          "corrupt, move them away to start over.")
     return None
+
+  def quarantine(self, steps: list[int]) -> None:
+    """Move unusable checkpoints (never delete) to `<directory>.corrupt/` so that a run
+    resumed from an older step can write those steps again."""
+    if not steps:
+      return
+    dest_root = self.directory + ".corrupt"
+    os.makedirs(dest_root, exist_ok=True)
+    for step in steps:
+      src = os.path.join(self.directory, str(step))
+      dest = os.path.join(dest_root, f"{step}-{int(time.time())}")
+      if os.path.isdir(src):
+        os.replace(src, dest)
+        log.warning("moved unusable checkpoint %s to %s", src, dest)
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

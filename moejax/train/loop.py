@@ -62,6 +62,20 @@ def init_state(model: LM, tx, seed: int, seq_len: int) -> TrainState:
   return TrainState.create(params, tx, jax.random.fold_in(key, 1))
 
 
+def abstract_like(tree):
+  """ShapeDtypeStructs that keep each leaf's sharding (the restore target)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def abstract_train_state(config, vocab_size: int, mesh=None) -> TrainState:
+  """Shapes, dtypes and (replicated) shardings of the TrainState, without computing it."""
+  model, _ = build_model(config, vocab_size)
+  tx, _ = make_optimizer(config.optim, config.train.num_steps)
+  rep = parallel.replicated(mesh if mesh is not None else parallel.make_mesh())
+  shapes = jax.eval_shape(lambda: init_state(model, tx, config.seed, config.data.seq_len))
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+
+
 def evaluate(eval_step, params, batches, bytes_per_token: float) -> dict:
   total, count = 0.0, 0.0
   for b in batches:
@@ -108,6 +122,11 @@ def train(config, workdir: str) -> dict:
   t_start = time.time()
   tc = config.train
 
+  n_dev = jax.device_count()
+  if config.data.batch_size % n_dev:
+    raise config_lib.ConfigError(
+        f"config.data.batch_size = {config.data.batch_size} is not allowed: must be divisible "
+        f"by the number of devices ({n_dev}) for data parallelism")
   data = build_data(config.data, seed=config.seed, process_index=jax.process_index(),
                     process_count=jax.process_count())
   model, mc = build_model(config, data.tokenizer.vocab_size)
@@ -115,10 +134,9 @@ def train(config, workdir: str) -> dict:
   tx, schedule = make_optimizer(config.optim, tc.num_steps)
 
   mesh = parallel.make_mesh()
-  state = init_state(model, tx, config.seed, config.data.seq_len)
-  state = jax.device_put(state, parallel.replicated(mesh))
+  state = jax.jit(lambda: init_state(model, tx, config.seed, config.data.seq_len),
+                  out_shardings=parallel.replicated(mesh))()
   peak = tc.peak_flops or flops_lib.measure_matmul_peak()
-  n_dev = jax.device_count()
 
   meta = {
       "name": config.name, "accounting": acct.as_dict(), "model": dataclasses.asdict(mc),
@@ -142,8 +160,9 @@ def train(config, workdir: str) -> dict:
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                                async_save=tc.async_checkpoint)
   writer = MetricsWriter(workdir, tensorboard=tc.tensorboard, enabled=is_main)
-  restored = ckpt.restore_latest(jax.eval_shape(lambda: state))
+  restored = ckpt.restore_latest(abstract_like(state))
   if restored is not None:
+    ckpt.quarantine([s for s in ckpt.bad_steps if s > int(restored[2]["step"])])
     payload, data_state, cmeta = restored
     state = state.replace(**payload)
     data.train_iter.set_state(data_state)
@@ -193,6 +212,9 @@ def train(config, workdir: str) -> dict:
       state, metrics = train_step(state, batch)
       step += 1
       n_window += 1
+      if step == start + 1:  # exclude compilation from the throughput window
+        jax.block_until_ready(metrics)
+        t_window, n_window = time.time(), 0
       if not bool(metrics["finite"]):
         msg = (f"non-finite loss/gradient at step {step} (loss={float(metrics['loss'])}, "
                f"grad_norm={float(metrics['grad_norm'])}); the update was not applied")
@@ -206,25 +228,26 @@ def train(config, workdir: str) -> dict:
         pbar.update(1)
       if step % tc.log_every == 0 or step == tc.num_steps:
         loss = float(metrics["loss"])  # syncs
-        dt = time.time() - t_window
-        train_time += dt
-        step_time = dt / n_window
-        tps = tokens_per_step * n_window / dt
-        mfu = acct.train_flops_per_token * tps / (peak * n_dev)
         row = {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
-               "lr": float(schedule(step - 1)), "tokens_per_s": tps, "step_time_s": step_time,
-               "mfu": mfu, "tokens_seen": step * tokens_per_step}
+               "lr": float(schedule(step - 1)), "tokens_seen": step * tokens_per_step}
+        if n_window:  # throughput over the window (compilation excluded)
+          dt = time.time() - t_window
+          train_time += dt
+          tps = tokens_per_step * n_window / dt
+          mfu = acct.train_flops_per_token * tps / (peak * n_dev)
+          row.update(tokens_per_s=tps, step_time_s=dt / n_window, mfu=mfu)
+          if pbar is not None:
+            pbar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps / 1e3:.1f}k", mfu=f"{mfu:.0%}")
         writer.write(step, "train", row)
-        if pbar is not None:
-          pbar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps / 1e3:.1f}k", mfu=f"{mfu:.0%}")
         t_window, n_window = time.time(), 0
+      t_other = time.time()  # eval and checkpoint time is not step time
       if step % tc.eval_every == 0 or step == tc.num_steps:
         ev = run_eval(step)
         if ev:
           say(f"step {step} | val loss {ev['loss']:.4f} | val bpb {ev['bpb']:.3f}")
-        t_window = time.time()  # eval time is not step time
       if step % tc.checkpoint_every == 0 or step == tc.num_steps:
         ckpt.save(step, state, data.train_iter.get_state(), {"config": config.name})
+      t_window += time.time() - t_other
       if sig.received is not None:
         exit_signal = sig.received
         ckpt.save(step, state, data.train_iter.get_state(), {"config": config.name}, wait=True)

@@ -48,7 +48,7 @@ def make_train_step(apply_fn: Callable, debug_nan_step: int = -1) -> Callable:
       poison = jnp.where(state.step + 1 == debug_nan_step, jnp.nan, 1.0)
       loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
       aux = dict(aux, loss=loss)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt = state.tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
