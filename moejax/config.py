@@ -86,7 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.progress_bar = True
   t.tensorboard = True
   t.debug_nan_step = -1  # testing aid: poison the loss at this step (>= 1)
-  t.peak_flops = 0.0  # per device, for MFU; 0 -> measured matmul peak (cached)
+  t.peak_flops = 0.0  # per device, for MFU; 0 -> measured matmul peak
+  c.lock()  # a misspelled field in a config file is an error, not a silent new field
   return c
 
 
@@ -100,7 +101,12 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   mod_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} has no get_config(arg)")
-  config = module.get_config(arg) if arg else module.get_config()
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except (ValueError, AttributeError, KeyError) as e:
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(f"{path}: get_config({arg!r}) failed: {type(e).__name__}: {e}") from None
   for ov in overrides:
     apply_override(config, ov)
   return config
@@ -116,12 +122,21 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
   *parents, leaf = key.split(".")
   node = config
   for p in parents:
-    if p not in node:
+    if not isinstance(node, ml_collections.ConfigDict) or p not in node:
       raise ConfigError(f"override {key!r}: no config section {p!r}")
     node = node[p]
+  if not isinstance(node, ml_collections.ConfigDict):
+    raise ConfigError(f"override {key!r}: {'.'.join(parents)!r} is a value, not a section")
   if leaf not in node:
     raise ConfigError(f"override {key!r}: unknown field; known: {sorted(node.keys())}")
-  node[leaf] = _parse_like(node[leaf], raw, key)
+  if isinstance(node[leaf], ml_collections.ConfigDict):
+    raise ConfigError(f"override {key!r}: is a whole section; override its fields "
+                      f"({', '.join(sorted(node[leaf].keys())[:6])}, ...) one by one")
+  value = _parse_like(node[leaf], raw, key)
+  try:
+    node[leaf] = value
+  except TypeError as e:
+    raise ConfigError(f"override {key}={raw!r}: {e}") from None
 
 
 def _parse_like(old: Any, raw: str, key: str) -> Any:
@@ -206,8 +221,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.head_dim % 2:
     _fail("model.head_dim", m.head_dim, "must be even (RoPE rotates pairs)")
   _nonneg_int(config, "model.max_seq_len")
-  if m.max_seq_len and m.max_seq_len < d.seq_len:
-    _fail("model.max_seq_len", m.max_seq_len, f"must be 0 or >= data.seq_len={d.seq_len}")
   _float_range(config, "model.rope_theta", 0, 1e12, lo_open=True)
   _float_range(config, "model.norm_eps", 0, 1, lo_open=True)
   _float_range(config, "model.init_std", 0, 10, lo_open=True)
@@ -222,6 +235,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   # data
   _choice(config, "data.source", ("embedded", "tfds"))
+  for f in ("paths", "extensions"):
+    if isinstance(d[f], str) or not all(isinstance(x, str) for x in d[f]):
+      _fail(f"data.{f}", d[f], "must be a tuple of strings")
+  for f in ("spm_model", "tfds_name", "tfds_data_dir", "cache_dir", "text_key"):
+    if not isinstance(d[f], str):
+      _fail(f"data.{f}", d[f], "must be a string")
   _choice(config, "data.tokenizer", ("byte", "sentencepiece"))
   if d.tokenizer == "sentencepiece" and not d.spm_model:
     _fail("data.spm_model", d.spm_model, "a path to a sentencepiece .model file is required "
@@ -236,6 +255,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("data.paths", p, "every path must be an existing file or folder")
   _float_range(config, "data.val_fraction", 0, 1, lo_open=True, hi_open=True)
   _pos_int(config, "data.seq_len")
+  if m.max_seq_len and m.max_seq_len < d.seq_len:
+    _fail("model.max_seq_len", m.max_seq_len, f"must be 0 or >= data.seq_len={d.seq_len}")
   _pos_int(config, "data.batch_size")
   _nonneg_int(config, "data.shuffle_seed")
   _nonneg_int(config, "data.max_documents")
@@ -246,7 +267,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _float_range(config, "optim.lr", 0, 10, lo_open=True)
   _choice(config, "optim.schedule", ("cosine", "wsd", "constant"))
   _nonneg_int(config, "optim.warmup_steps")
-  if o.warmup_steps >= t.num_steps and t.num_steps > 0 and o.schedule != "constant":
+  _pos_int(config, "train.num_steps")
+  if o.warmup_steps >= t.num_steps and o.schedule != "constant":
     _fail("optim.warmup_steps", o.warmup_steps, f"must be < train.num_steps={t.num_steps}")
   _float_range(config, "optim.min_lr_ratio", 0, 1)
   _float_range(config, "optim.decay_fraction", 0, 1, lo_open=True)

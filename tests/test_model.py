@@ -1,6 +1,6 @@
 """The decoder LM (moejax/models/lm.py), its KV cache (moejax/generate.py) and RoPE.
 
-Tiny configs (d_model <= 48, <= 2 layers, T = 16) with a large init_std so logits are
+Tiny configs (d_model <= 64, <= 2 layers, T = 16) with a large init_std so logits are
 O(1) and the tolerances below mean something.
 """
 
@@ -43,7 +43,7 @@ def make(cfg: LMConfig, seed: int = 0):
 
   Compiling `init` costs seconds per config on this CPU (threefry per parameter), so
   most tests draw N(0, init_std) weights and 1 +- 0.1 norm scales directly;
-  test_init_params_statistics covers the real initialiser.
+  test_init_params_statistics_and_hand_count covers the real initialiser.
   """
   model = LM(cfg)
   rng = np.random.default_rng(seed)

@@ -314,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   try:
     summary = train(config, args.workdir)
+  except config_lib.ConfigError as e:  # checks that need the devices or data
+    print(f"moejax: invalid config: {e}", file=sys.stderr)
+    return 2
+  except FileNotFoundError as e:  # e.g. a TFDS dataset that is not prepared
+    print(f"moejax: {e}", file=sys.stderr)
+    return 1
   except NonFiniteLoss:
     return EXIT_NAN
   sig = summary.get("exit_signal")
