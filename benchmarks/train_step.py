@@ -52,7 +52,7 @@ def bench_config(name: str, overrides: list[str], reps: int, steps: int, peak: f
   b, t = config.data.batch_size, config.data.seq_len
   toks = jax.random.randint(jax.random.PRNGKey(0), (b, t + 1), 0, 256, jnp.int32)
   batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
-  step = jax.jit(make_train_step(model.apply), donate_argnums=(0,))
+  step = jax.jit(make_train_step(type(model)(mc, deterministic=False)), donate_argnums=(0,))
   t0 = time.perf_counter()
   state, m = step(state, batch)
   jax.block_until_ready(m)

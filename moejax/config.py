@@ -44,6 +44,30 @@ def base_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02
   m.logits_soft_cap = 0.0  # 0 disables
 
+  e = m.moe = ml_collections.ConfigDict()
+  e.num_experts = 0  # routed experts before fine-grained segmentation; 0 = dense model
+  e.experts_per_token = 2  # k before segmentation
+  e.granularity = 1  # m: m*N experts of width expert_d_ff/m, m*k active (DeepSeekMoE)
+  e.expert_d_ff = 0  # width of one unsegmented expert; 0 -> model.d_ff
+  e.num_shared_experts = 0  # K_s shared experts (segmented width), see every token
+  e.router = "topk"  # topk | deepseek | expert_choice | hash
+  e.renormalize = True  # topk: renormalise the k chosen probabilities
+  e.jitter = 0.0  # topk: multiplicative input noise in training (Switch)
+  e.route_scale = 1.0  # deepseek
+  e.n_groups = 1  # deepseek group-limited routing
+  e.topk_groups = 1
+  e.bias_update_rate = 0.0  # deepseek aux-loss-free balancing (gamma); 0 = off
+  e.load_balance_coef = 0.01  # Switch loss alpha
+  e.z_loss_coef = 1e-3  # ST-MoE router z-loss beta
+  e.seq_balance_coef = 0.0  # DeepSeek sequence-wise balance loss
+  e.backend = "dropless"  # reference | capacity | dropless | dropless_* variants
+  e.capacity_factor = 1.25  # capacity backend (training) / expert choice
+  e.eval_capacity_factor = 2.0  # capacity backend at evaluation
+  e.min_capacity = 4
+  e.moe_every = 1  # MoE FFN every n-th layer (after the first dense ones)
+  e.first_dense = 0  # the first k layers keep a dense FFN
+  e.allow_noncausal = False  # must be True to use expert_choice in a causal LM
+
   d = c.data = ml_collections.ConfigDict()
   d.source = "embedded"  # embedded | tfds
   d.paths = ()  # embedded: files/folders; empty -> standard library of this Python
@@ -233,6 +257,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not isinstance(m.scan_layers, bool):
     _fail("model.scan_layers", m.scan_layers, "must be True or False")
 
+  _validate_moe(config)
+
   # data
   _choice(config, "data.source", ("embedded", "tfds"))
   for f in ("paths", "extensions"):
@@ -293,3 +319,65 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for f in ("async_checkpoint", "progress_bar", "tensorboard"):
     if not isinstance(t[f], bool):
       _fail(f"train.{f}", t[f], "must be True or False")
+
+
+MOE_ROUTERS = ("topk", "deepseek", "expert_choice", "hash")
+
+
+def _validate_moe(config) -> None:
+  m, e = config.model, config.model.moe
+  _nonneg_int(config, "model.moe.num_experts")
+  if not e.num_experts:
+    return
+  from moejax.moe.dispatch import BACKENDS  # light module, no compilation
+  for f in ("experts_per_token", "granularity", "moe_every", "min_capacity"):
+    _pos_int(config, f"model.moe.{f}")
+  for f in ("expert_d_ff", "num_shared_experts", "first_dense", "n_groups", "topk_groups"):
+    _nonneg_int(config, f"model.moe.{f}")
+  _choice(config, "model.moe.router", MOE_ROUTERS)
+  _choice(config, "model.moe.backend", BACKENDS)
+  if e.experts_per_token > e.num_experts:
+    _fail("model.moe.experts_per_token", e.experts_per_token,
+          f"must be <= model.moe.num_experts={e.num_experts}")
+  if e.experts_per_token * e.granularity - e.num_shared_experts < 1:
+    _fail("model.moe.num_shared_experts", e.num_shared_experts,
+          "must be < experts_per_token * granularity (each shared expert replaces one "
+          "routed segment, DeepSeekMoE-style)")
+  width = e.expert_d_ff or m.d_ff
+  if width % e.granularity:
+    _fail("model.moe.granularity", e.granularity,
+          f"must divide the expert width {width} (model.moe.expert_d_ff or model.d_ff)")
+  if e.first_dense >= m.num_layers:
+    _fail("model.moe.first_dense", e.first_dense, f"must be < model.num_layers={m.num_layers}")
+  if (m.num_layers - e.first_dense) % e.moe_every:
+    _fail("model.moe.moe_every", e.moe_every,
+          f"must divide model.num_layers - model.moe.first_dense = "
+          f"{m.num_layers - e.first_dense}")
+  n_exp = e.num_experts * e.granularity
+  if e.router == "deepseek" and e.n_groups > 1:
+    if n_exp % e.n_groups:
+      _fail("model.moe.n_groups", e.n_groups,
+            f"must divide the number of (segmented) experts {n_exp}")
+    if not 1 <= e.topk_groups <= e.n_groups:
+      _fail("model.moe.topk_groups", e.topk_groups, f"must lie in [1, n_groups={e.n_groups}]")
+    if e.topk_groups * (n_exp // e.n_groups) < e.experts_per_token * e.granularity - e.num_shared_experts:
+      _fail("model.moe.topk_groups", e.topk_groups,
+            "the kept groups must hold at least k (segmented) experts")
+  if e.router == "expert_choice" and not e.allow_noncausal:
+    _fail("model.moe.router", e.router,
+          "expert choice looks at every token of a sequence, so it leaks the future in a "
+          "causal LM; set model.moe.allow_noncausal=True to use it for encoder-style analysis")
+  if e.router == "hash" and e.experts_per_token != 1:
+    _fail("model.moe.experts_per_token", e.experts_per_token, "hash routing uses exactly 1")
+  if e.bias_update_rate and e.router != "deepseek":
+    _fail("model.moe.bias_update_rate", e.bias_update_rate,
+          "aux-loss-free bias balancing needs model.moe.router='deepseek'")
+  for f in ("jitter",):
+    _float_range(config, f"model.moe.{f}", 0, 1, hi_open=True)
+  for f in ("route_scale", "capacity_factor", "eval_capacity_factor"):
+    _float_range(config, f"model.moe.{f}", 0, 1e6, lo_open=True)
+  for f in ("bias_update_rate", "load_balance_coef", "z_loss_coef", "seq_balance_coef"):
+    _float_range(config, f"model.moe.{f}", 0, 1e3)
+  for f in ("renormalize", "allow_noncausal"):
+    if not isinstance(e[f], bool):
+      _fail(f"model.moe.{f}", e[f], "must be True or False")

@@ -30,22 +30,42 @@ class Accounting:
             f"{self.forward_flops_per_token / 1e6:.2f}M, train {self.train_flops_per_token / 1e6:.2f}M")
 
 
-def layer_params(c: LMConfig) -> int:
+def layer_params(c: LMConfig, kind: str = "dense") -> tuple[int, int]:
+  """(total, active-per-token) parameters of one block."""
   attn = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-  ffn = 3 * c.d_model * c.d_ff
-  return attn + ffn + 2 * c.d_model
+  norms = 2 * c.d_model
+  if kind == "dense":
+    n = attn + 3 * c.d_model * c.d_ff + norms
+    return n, n
+  m = c.moe
+  expert = 3 * c.d_model * m.expert_d_ff
+  router = 0 if m.router == "hash" else c.d_model * m.num_experts
+  shared = m.num_shared * expert
+  base = attn + norms + router + shared
+  return base + m.num_experts * expert, base + m.k * expert
 
 
 def account(c: LMConfig, seq_len: int) -> Accounting:
+  """Parameters and FLOPs per token. For MoE layers, active = the k routed experts (what
+  dropless dispatch computes) + shared experts + router; total counts every expert."""
   emb = c.vocab_size * c.d_model
   unembed = 0 if c.tie_embeddings else c.d_model * c.vocab_size
-  total = emb + unembed + c.num_layers * layer_params(c) + c.d_model
   d, h, k, dh = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
   proj = 2 * d * dh * (2 * h + 2 * k)
   scores = 2 * 2 * seq_len * h * dh  # QK^T and PV over the full score matrix
-  ffn = 2 * 3 * d * c.d_ff
-  fwd = c.num_layers * (proj + scores + ffn) + 2 * d * c.vocab_size
-  return Accounting(total_params=total, active_params=total, embedding_params=emb + unembed,
+  total = active = emb + unembed + c.d_model
+  fwd = 2 * d * c.vocab_size
+  for kind in c.layer_kinds():
+    t, a = layer_params(c, kind)
+    total, active = total + t, active + a
+    if kind == "dense":
+      ffn = 2 * 3 * d * c.d_ff
+    else:
+      m = c.moe
+      router = 0 if m.router == "hash" else 2 * d * m.num_experts
+      ffn = router + 2 * 3 * d * m.expert_d_ff * (m.k + m.num_shared)
+    fwd += proj + scores + ffn
+  return Accounting(total_params=total, active_params=active, embedding_params=emb + unembed,
                     forward_flops_per_token=float(fwd), train_flops_per_token=float(3 * fwd))
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from moejax.layers.attention import Attention
 from moejax.layers.common import Array, RMSNorm, constrain, dtype, param_init
 from moejax.layers.mlp import MLP
+from moejax.moe.layer import MoEConfig, MoEFFN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +41,15 @@ class LMConfig:
   scan_layers: bool = True
   init_std: float = 0.02
   logits_soft_cap: float = 0.0
+  moe: MoEConfig | None = None
 
   @classmethod
   def from_config(cls, model_cfg: Any, *, seq_len: int, vocab_size: int) -> "LMConfig":
     """Build from `config.model`; vocab_size=0 there means the tokenizer's (padded to 8)."""
     fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in dict(model_cfg).items() if k in fields}
+    kw = {k: v for k, v in dict(model_cfg).items() if k in fields and k != "moe"}
+    if "moe" in model_cfg:
+      kw["moe"] = MoEConfig.from_config(model_cfg.moe, model_cfg.d_ff)
     kw["vocab_size"] = model_cfg.vocab_size or -(-vocab_size // 8) * 8
     kw["max_seq_len"] = model_cfg.max_seq_len or seq_len
     return cls(**kw)
@@ -53,6 +57,23 @@ class LMConfig:
   @property
   def out_std(self) -> float:
     return self.init_std / math.sqrt(2 * self.num_layers)
+
+  def layer_kinds(self) -> list[str]:
+    return ["moe" if self.moe is not None and self.moe.is_moe_layer(i) else "dense"
+            for i in range(self.num_layers)]
+
+  def segments(self) -> list[tuple[str, tuple[str, ...], int]]:
+    """(param name, block pattern, repeats): runs of identical groups for nn.scan.
+
+    Dense: [("layers", ("dense",), L)]. MoE: the first dense layers, then groups of
+    `moe_every` blocks whose first has the MoE FFN, e.g. [("dense_layers", ("dense",), 1),
+    ("moe_layers", ("moe", "dense"), 3)] for L=7, first_dense=1, moe_every=2.
+    """
+    if self.moe is None:
+      return [("layers", ("dense",), self.num_layers)]
+    k, n = self.moe.first_dense, self.moe.moe_every
+    segs = [("dense_layers", ("dense",), k)] if k else []
+    return segs + [("moe_layers", ("moe",) + ("dense",) * (n - 1), (self.num_layers - k) // n)]
 
 
 REMAT_POLICIES = {
@@ -65,9 +86,11 @@ REMAT_POLICIES = {
 class Block(nn.Module):
   cfg: LMConfig
   decode: bool = False
+  deterministic: bool = True
+  kind: str = "dense"  # dense | moe (the FFN)
 
   @nn.compact
-  def __call__(self, x_BTD: Array, positions_BT: Array):
+  def __call__(self, x_BTD: Array, positions_BT: Array, tokens_BT: Array):
     c = self.cfg
     cdt, pdt = dtype(c.compute_dtype), dtype(c.param_dtype)
     h = RMSNorm(c.norm_eps, cdt, pdt, name="attn_norm")(x_BTD)
@@ -75,14 +98,40 @@ class Block(nn.Module):
         c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, c.init_std, c.out_std,
         c.max_seq_len, self.decode, cdt, pdt, name="attn")(h, positions_BT)
     h = RMSNorm(c.norm_eps, cdt, pdt, name="ffn_norm")(x_BTD)
-    x_BTD = x_BTD + MLP(c.d_ff, c.init_std, c.out_std, cdt, pdt, name="ffn")(h)
+    if self.kind == "moe":
+      ffn = MoEFFN(c.moe, c.init_std, c.out_std, self.deterministic, cdt, pdt, name="moe")
+      x_BTD = x_BTD + ffn(h, tokens_BT)
+    else:
+      x_BTD = x_BTD + MLP(c.d_ff, c.init_std, c.out_std, cdt, pdt, name="ffn")(h)
     return constrain(x_BTD, ("batch", "length", "embed")), None
 
 
+class BlockGroup(nn.Module):
+  """Several blocks in sequence (e.g. one MoE block then dense ones): a scan unit."""
+  cfg: LMConfig
+  kinds: tuple[str, ...]
+  decode: bool = False
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, positions_BT: Array, tokens_BT: Array):
+    for i, kind in enumerate(self.kinds):
+      x_BTD, _ = Block(self.cfg, self.decode, self.deterministic, kind, name=f"block_{i}")(
+          x_BTD, positions_BT, tokens_BT)
+    return x_BTD, None
+
+
+SIDE_COLLECTIONS = ("cache", "moe_bias", "moe_losses", "moe_stats")
+
+
 class LM(nn.Module):
-  """tokens [B, T] int32 -> logits [B, T, V] float32."""
+  """tokens [B, T] int32 -> logits [B, T, V] float32.
+
+  deterministic=False in training (router jitter, training capacity factor).
+  """
   cfg: LMConfig
   decode: bool = False
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, tokens_BT: Array, positions_BT: Array | None = None) -> Array:
@@ -95,17 +144,24 @@ class LM(nn.Module):
                      embedding_init=param_init(c.init_std, ("vocab", "embed")), name="embed")
     x_BTD = constrain(embed(tokens_BT), ("batch", "length", "embed"))
 
-    block = Block
-    if c.remat != "none":
-      block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
-    if c.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0, "cache": 0},
-                      split_rngs={"params": True}, in_axes=(nn.broadcast,),
-                      length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BTD, _ = stack(c, self.decode, name="layers")(x_BTD, positions_BT)
-    else:
-      for i in range(c.num_layers):
-        x_BTD, _ = block(c, self.decode, name=f"layer_{i}")(x_BTD, positions_BT)
+    layer = 0
+    for name, kinds, repeats in c.segments():
+      if len(kinds) == 1:
+        unit, args = Block, (c, self.decode, self.deterministic, kinds[0])
+      else:
+        unit, args = BlockGroup, (c, kinds, self.decode, self.deterministic)
+      if c.remat != "none":
+        unit = nn.remat(unit, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+      if c.scan_layers:
+        stack = nn.scan(unit, variable_axes={k: 0 for k in ("params",) + SIDE_COLLECTIONS},
+                        split_rngs={"params": True, "jitter": True},
+                        in_axes=(nn.broadcast, nn.broadcast), length=repeats,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        x_BTD, _ = stack(*args, name=name)(x_BTD, positions_BT, tokens_BT)
+      else:
+        for _ in range(repeats):
+          x_BTD, _ = unit(*args, name=f"layer_{layer}")(x_BTD, positions_BT, tokens_BT)
+          layer += len(kinds)
 
     x_BTD = RMSNorm(c.norm_eps, cdt, pdt, name="final_norm")(x_BTD)
     if c.tie_embeddings:

@@ -57,9 +57,10 @@ def build_model(config, vocab_size: int) -> tuple[LM, LMConfig]:
 
 def init_state(model: LM, tx, seed: int, seq_len: int) -> TrainState:
   key = jax.random.PRNGKey(seed)
-  params = nn.unbox(model.init(jax.random.fold_in(key, 0),
-                               jnp.zeros((1, min(seq_len, 8)), jnp.int32))["params"])
-  return TrainState.create(params, tx, jax.random.fold_in(key, 1))
+  variables = nn.unbox(model.init(jax.random.fold_in(key, 0),
+                                  jnp.zeros((1, min(seq_len, 8)), jnp.int32)))
+  model_state = {k: v for k, v in variables.items() if k == "moe_bias"}
+  return TrainState.create(variables["params"], tx, jax.random.fold_in(key, 1), model_state)
 
 
 def abstract_like(tree):
@@ -76,10 +77,10 @@ def abstract_train_state(config, vocab_size: int, mesh=None) -> TrainState:
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
 
 
-def evaluate(eval_step, params, batches, bytes_per_token: float) -> dict:
+def evaluate(eval_step, params, model_state, batches, bytes_per_token: float) -> dict:
   total, count = 0.0, 0.0
   for b in batches:
-    out = eval_step(params, b)
+    out = eval_step(params, model_state, b)
     total += float(out["loss_sum"])
     count += float(out["count"])
   loss = total / max(count, 1.0)
@@ -172,9 +173,11 @@ def train(config, workdir: str) -> dict:
   start = int(state.step)
 
   batch_sharding = parallel.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(model.apply, debug_nan_step=tc.debug_nan_step),
-                       donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(model.apply))
+  train_model = LM(mc, deterministic=False)
+  train_step = jax.jit(make_train_step(
+      train_model, bias_update_rate=mc.moe.bias_update_rate if mc.moe else 0.0,
+      debug_nan_step=tc.debug_nan_step), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(model))
   val_batches = [_to_global(b, batch_sharding) for b in data.val_batches(tc.eval_batches)] \
       if tc.eval_batches else []
   tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -184,7 +187,7 @@ def train(config, workdir: str) -> dict:
   def run_eval(step):
     if not val_batches:
       return None
-    ev = evaluate(eval_step, state.params, val_batches, bpt)
+    ev = evaluate(eval_step, state.params, state.model_state, val_batches, bpt)
     writer.write(step, "eval", {"loss": ev["loss"], "bpb": ev["bpb"]})
     evals.append({"step": step, **ev})
     return ev
@@ -230,6 +233,8 @@ def train(config, workdir: str) -> dict:
         loss = float(metrics["loss"])  # syncs
         row = {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
                "lr": float(schedule(step - 1)), "tokens_seen": step * tokens_per_step}
+        if "moe_stats" in metrics:
+          row.update(moe_metrics(metrics))
         if n_window:  # throughput over the window (compilation excluded)
           dt = time.time() - t_window
           train_time += dt
@@ -237,7 +242,8 @@ def train(config, workdir: str) -> dict:
           mfu = acct.train_flops_per_token * tps / (peak * n_dev)
           row.update(tokens_per_s=tps, step_time_s=dt / n_window, mfu=mfu)
           if pbar is not None:
-            pbar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps / 1e3:.1f}k", mfu=f"{mfu:.0%}")
+            pbar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps / 1e3:.1f}k", mfu=f"{mfu:.0%}",
+                             refresh=False)
         writer.write(step, "train", row)
         t_window, n_window = time.time(), 0
       t_other = time.time()  # eval and checkpoint time is not step time
@@ -277,6 +283,23 @@ def train(config, workdir: str) -> dict:
   if exit_signal is not None:
     summary["exit_signal"] = exit_signal
   return summary
+
+
+def moe_metrics(metrics: dict) -> dict:
+  """Per-layer routing telemetry and losses as JSON-able values (lists over MoE layers)."""
+  out = {"ce_loss": float(metrics["ce_loss"]), "aux_loss": float(metrics["aux_loss"])}
+  for name, v in metrics["moe_losses"].items():
+    v = np.asarray(v)
+    out[f"moe/{name}_loss"] = float(v.sum())
+    out[f"moe/{name}_loss_per_layer"] = v.tolist()
+  for name, v in metrics["moe_stats"].items():
+    v = np.asarray(v)
+    if v.ndim == 1:  # one scalar per layer
+      out[f"moe/{name}"] = float(v.mean())
+      out[f"moe/{name}_per_layer"] = v.tolist()
+    else:  # load histograms / bias values: [layers, E]
+      out[f"moe/{name}_per_layer"] = v.tolist()
+  return out
 
 
 def _to_global(batch: dict, sharding) -> dict:

@@ -9,6 +9,8 @@ from typing import Any
 
 
 def _clean(v: Any) -> Any:
+  if isinstance(v, (list, tuple)):
+    return [_clean(x) for x in v]
   try:
     v = float(v)
   except (TypeError, ValueError):

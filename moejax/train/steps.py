@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import flax.struct
@@ -9,18 +10,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moejax.moe.layer import update_bias
+
 
 class TrainState(flax.struct.PyTreeNode):
   step: jax.Array  # int32 scalar: optimizer steps taken (skipped updates included)
   params: Any
   opt_state: Any
   rng: jax.Array  # raw uint32[2] key; per-step keys are fold_in(rng, step)
+  model_state: Any  # non-trainable collections, e.g. {"moe_bias": ...}; {} for dense
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
   @classmethod
-  def create(cls, params, tx, rng) -> "TrainState":
+  def create(cls, params, tx, rng, model_state=None) -> "TrainState":
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-               rng=rng, tx=tx)
+               rng=rng, model_state=model_state or {}, tx=tx)
 
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -30,40 +34,103 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Arr
   return losses.sum(), jnp.asarray(losses.size, jnp.float32)
 
 
-def make_train_step(apply_fn: Callable, debug_nan_step: int = -1) -> Callable:
-  """(state, batch) -> (state, metrics). A non-finite loss or gradient never updates
-  the state: the update is dropped and `metrics["finite"]` is False; the loop then
-  stops or goes on by `train.nan_policy`. `debug_nan_step >= 0` poisons the loss of
-  that step (counted from 1) to exercise this path in tests."""
+def _natural_key(s: str):
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(s))]
 
-  def loss_fn(params, batch):
-    logits = apply_fn({"params": params}, batch["inputs"])
+
+def _moe_nodes(tree: Any) -> list[dict]:
+  """The per-layer leaf dicts of a moe_* collection in layer order (natural key sort)."""
+  if not hasattr(tree, "items"):
+    return []
+  if tree and all(not hasattr(v, "items") for v in tree.values()):
+    return [tree]
+  out = []
+  for k in sorted(tree.keys(), key=_natural_key):
+    out += _moe_nodes(tree[k])
+  return out
+
+
+def stack_moe_layers(tree: Any) -> dict[str, jax.Array]:
+  """{name: [num_moe_layers, ...]} from a moe_stats / moe_losses tree (scanned or not)."""
+  nodes = _moe_nodes(tree)
+  if not nodes:
+    return {}
+  names = sorted(set().union(*[n.keys() for n in nodes]))
+  out = {}
+  for name in names:
+    parts = []
+    for n in nodes:
+      v = n.get(name)
+      if v is None:
+        continue
+      # scanned segments carry a leading repeat axis; unrolled layers do not
+      parts.append(v if v.ndim and _is_scanned(n) else v[None])
+    out[name] = jnp.concatenate(parts, axis=0)
+  return out
+
+
+def _is_scanned(node: dict) -> bool:
+  # "load" is [E] per layer, [R, E] when scanned; scalars are [] or [R].
+  load = node.get("load")
+  if load is not None:
+    return load.ndim == 2
+  return all(v.ndim == 1 for v in node.values())
+
+
+def make_train_step(model, *, bias_update_rate: float = 0.0, debug_nan_step: int = -1) -> Callable:
+  """(state, batch) -> (state, metrics) for `model` = LM(cfg, deterministic=False).
+
+  loss = cross-entropy + the MoE auxiliary losses (already weighted by their coefs).
+  After the optimizer step the DeepSeek selection bias moves by
+  `bias_update_rate * sign(mean_load - load)` (loads of this global batch).
+  A non-finite loss or gradient never updates the state: the update is dropped and
+  `metrics["finite"]` is False; the loop then stops or goes on by `train.nan_policy`.
+  `debug_nan_step >= 1` poisons the loss of that step to exercise this path in tests.
+  """
+
+  def loss_fn(params, model_state, batch, rng):
+    variables = {"params": params, **model_state}
+    logits, side = model.apply(variables, batch["inputs"], rngs={"jitter": rng},
+                               mutable=["moe_losses", "moe_stats"])
     total, count = cross_entropy(logits, batch["targets"])
-    loss = total / count
-    return loss, {"loss": loss}
+    ce = total / count
+    losses = stack_moe_layers(side.get("moe_losses", {}))
+    aux = sum((jnp.sum(v) for v in losses.values()), jnp.zeros((), jnp.float32))
+    return ce + aux, (ce, losses, side.get("moe_stats", {}))
 
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-    if debug_nan_step >= 0:
+  def train_step(state, batch: dict):
+    rng = jax.random.fold_in(state.rng, state.step)
+    (loss, (ce, losses, stats_tree)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.model_state, batch, rng)
+    if debug_nan_step >= 1:
       poison = jnp.where(state.step + 1 == debug_nan_step, jnp.nan, 1.0)
-      loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
-      aux = dict(aux, loss=loss)
+      loss, ce, grads = loss * poison, ce * poison, jax.tree.map(lambda g: g * poison, grads)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = state.tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
+    new_model_state = dict(state.model_state)
+    if bias_update_rate > 0 and "moe_bias" in new_model_state:
+      new_model_state["moe_bias"] = update_bias(state.model_state["moe_bias"], stats_tree,
+                                                bias_update_rate)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
-                              opt_state=keep(new_opt, state.opt_state))
-    metrics = dict(aux, grad_norm=grad_norm, finite=finite)
+                              opt_state=keep(new_opt, state.opt_state),
+                              model_state=keep(new_model_state, state.model_state))
+    metrics = {"loss": loss, "ce_loss": ce, "grad_norm": grad_norm, "finite": finite}
+    if losses:
+      metrics["aux_loss"] = loss - ce
+      metrics["moe_losses"] = losses
+      metrics["moe_stats"] = stack_moe_layers(stats_tree)
     return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(apply_fn: Callable) -> Callable:
-  def eval_step(params, batch: dict) -> dict:
-    logits = apply_fn({"params": params}, batch["inputs"])
+def make_eval_step(model) -> Callable:
+  """(params, model_state, batch) -> summed cross-entropy, for LM(cfg, deterministic=True)."""
+  def eval_step(params, model_state, batch: dict) -> dict:
+    logits = model.apply({"params": params, **model_state}, batch["inputs"])
     total, count = cross_entropy(logits, batch["targets"])
     return {"loss_sum": total, "count": count}
   return eval_step

@@ -1,0 +1,33 @@
+"""DeepSeek-style MoE: fine-grained experts (m=4), 1 shared expert, sigmoid gate with a
+selection-only bias balanced without an auxiliary loss, group-limited routing.
+
+tiny: 8 experts of width 192 split m=4 ways -> 32 experts of width 48; k = 2*4 = 8
+segments, minus the 1 shared expert (DeepSeekMoE keeps compute constant this way), so
+7 routed + 1 shared = active FFN width 384 = configs/moe/dense.py. 4 groups, keep 2.
+Args: "" / "tiny", "runlocal", "large" (DeepSeek-V3-like: 256 routed, 8 active, 8 groups
+keep 4, route scale 2.5, first 3 layers dense).
+"""
+
+from moejax.config import base_config
+from moejax.presets import apply_size
+
+
+def get_config(arg: str = ""):
+  config = base_config()
+  size = apply_size(config, arg)
+  config.name = f"deepseek_{size}"
+  e = config.model.moe
+  e.num_experts, e.experts_per_token, e.granularity = 8, 2, 4
+  e.expert_d_ff = config.model.d_ff // 2
+  e.num_shared_experts = 1
+  e.router, e.route_scale = "deepseek", 1.0
+  e.n_groups, e.topk_groups = 4, 2
+  e.bias_update_rate = 1e-3
+  e.load_balance_coef, e.z_loss_coef, e.seq_balance_coef = 0.0, 0.0, 1e-4
+  e.backend = "dropless"
+  if size == "large":
+    e.num_experts, e.experts_per_token, e.granularity = 256, 8, 1
+    e.expert_d_ff, e.num_shared_experts = 2048, 1
+    e.n_groups, e.topk_groups, e.route_scale, e.first_dense = 8, 4, 2.5, 3
+    config.model.num_layers = 27
+  return config

@@ -1,0 +1,171 @@
+"""MoE feed-forward block: router -> dispatch backend -> SwiGLU experts (+ shared experts).
+
+Side outputs live in named, non-param flax collections so the model stays pure:
+  "moe_losses": this layer's weighted auxiliary losses (added to the training loss);
+  "moe_stats":  telemetry (load histogram, max/mean load, CV, dropped fraction, entropy);
+  "moe_bias":   the DeepSeek selection bias, not trained by gradients; the train step
+                updates it after each optimizer step with `update_bias`.
+With `nn.scan` over layers each collection gets a leading layer axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.layers.common import Array, constrain, param_init
+from moejax.layers.mlp import MLP
+from moejax.moe import routing as routing_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Resolved MoE fields: expert counts and widths are after fine-grained segmentation."""
+  num_experts: int
+  k: int
+  expert_d_ff: int
+  num_shared: int = 0
+  router: str = "topk"
+  renormalize: bool = True
+  jitter: float = 0.0
+  route_scale: float = 1.0
+  n_groups: int = 1
+  topk_groups: int = 1
+  bias_update_rate: float = 0.0
+  load_balance_coef: float = 0.01
+  z_loss_coef: float = 1e-3
+  seq_balance_coef: float = 0.0
+  backend: str = "dropless"
+  capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  min_capacity: int = 4
+  moe_every: int = 1
+  first_dense: int = 0
+
+  @classmethod
+  def from_config(cls, e: Any, d_ff: int) -> "MoEConfig | None":
+    if not e.num_experts:
+      return None
+    m = e.granularity
+    # DeepSeekMoE: segmenting each expert m ways multiplies experts and k by m; each
+    # shared expert replaces one routed segment so the active compute stays constant.
+    return cls(
+        num_experts=e.num_experts * m, k=e.experts_per_token * m - e.num_shared_experts,
+        expert_d_ff=(e.expert_d_ff or d_ff) // m, num_shared=e.num_shared_experts,
+        router=e.router, renormalize=e.renormalize, jitter=e.jitter, route_scale=e.route_scale,
+        n_groups=e.n_groups, topk_groups=e.topk_groups, bias_update_rate=e.bias_update_rate,
+        load_balance_coef=e.load_balance_coef, z_loss_coef=e.z_loss_coef,
+        seq_balance_coef=e.seq_balance_coef, backend=e.backend,
+        capacity_factor=e.capacity_factor, eval_capacity_factor=e.eval_capacity_factor,
+        min_capacity=e.min_capacity, moe_every=e.moe_every, first_dense=e.first_dense)
+
+  def is_moe_layer(self, i: int) -> bool:
+    return i >= self.first_dense and (i - self.first_dense) % self.moe_every == 0
+
+
+def route(cfg: MoEConfig, logits_NE: Array | None, token_ids_N: Array | None, bias_E: Array | None,
+          seq_shape: tuple[int, int], capacity_factor: float) -> routing_lib.Routing:
+  """The router selected by cfg.router."""
+  if cfg.router == "topk":
+    return routing_lib.topk_softmax(logits_NE, cfg.k, renormalize=cfg.renormalize)
+  if cfg.router == "deepseek":
+    return routing_lib.deepseek_v3(logits_NE, bias_E, cfg.k, n_groups=cfg.n_groups,
+                                   topk_groups=cfg.topk_groups, route_scale=cfg.route_scale,
+                                   seq_shape=seq_shape)
+  if cfg.router == "expert_choice":
+    c = max(1, math.ceil(capacity_factor * seq_shape[1] * cfg.k / cfg.num_experts))
+    return routing_lib.expert_choice(logits_NE, c, seq_shape)
+  if cfg.router == "hash":
+    return routing_lib.hash_routing(token_ids_N, cfg.num_experts)
+  raise ValueError(f"model.moe.router = {cfg.router!r}; allowed: topk, deepseek, "
+                   "expert_choice, hash")
+
+
+class MoEFFN(nn.Module):
+  cfg: MoEConfig
+  init_std: float = 0.02
+  out_std: float = 0.02
+  deterministic: bool = True  # False in training: jitter on, training capacity factor
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, token_ids_BT: Array | None = None) -> Array:
+    c = self.cfg
+    b, t, d = x_BTD.shape
+    n, e, f = b * t, c.num_experts, c.expert_d_ff
+    x_ND = x_BTD.reshape(n, d).astype(self.dtype)
+
+    logits_NE, bias = None, None
+    if c.router != "hash":
+      w_router = self.param("router", param_init(self.init_std, ("embed", "expert_router")),
+                            (d, e), jnp.float32)
+      xr = x_ND.astype(jnp.float32)
+      if c.jitter > 0 and not self.deterministic:
+        noise = jax.random.uniform(self.make_rng("jitter"), xr.shape, jnp.float32,
+                                   1.0 - c.jitter, 1.0 + c.jitter)
+        xr = xr * noise
+      logits_NE = xr @ w_router
+    if c.router == "deepseek":
+      bias = self.variable("moe_bias", "bias", jnp.zeros, (e,), jnp.float32).value
+    cf = c.eval_capacity_factor if self.deterministic else c.capacity_factor
+    r = route(c, logits_NE, None if token_ids_BT is None else token_ids_BT.reshape(n), bias,
+              (b, t), cf)
+
+    w_gate = self.param("gate", param_init(self.init_std, ("expert", "embed", "expert_mlp")),
+                        (e, d, f), self.param_dtype)
+    w_up = self.param("up", param_init(self.init_std, ("expert", "embed", "expert_mlp")),
+                      (e, d, f), self.param_dtype)
+    w_down = self.param("down", param_init(self.out_std, ("expert", "expert_mlp", "embed")),
+                        (e, f, d), self.param_dtype)
+    from moejax.moe.dispatch import expert_capacity, moe_ffn  # pylint: disable=g-import-not-at-top
+    capacity = expert_capacity(r.token_A.shape[0], e, cf, c.min_capacity)
+    y_ND, dropped_A = moe_ffn(x_ND, r, w_gate.astype(self.dtype), w_up.astype(self.dtype),
+                              w_down.astype(self.dtype), backend=c.backend, capacity=capacity)
+    y_BTD = y_ND.reshape(b, t, d).astype(self.dtype)
+    if c.num_shared:
+      y_BTD = y_BTD + MLP(c.num_shared * f, self.init_std, self.out_std, self.dtype,
+                          self.param_dtype, name="shared")(x_BTD)
+
+    coefs = {"load_balance": c.load_balance_coef, "z_loss": c.z_loss_coef,
+             "seq_balance": c.seq_balance_coef}
+    if self.is_mutable_collection("moe_losses"):
+      for name, value in r.losses.items():
+        if coefs.get(name, 0.0) > 0:
+          self.variable("moe_losses", name, lambda: jnp.zeros((), jnp.float32)).value = (
+              coefs[name] * value)
+    if self.is_mutable_collection("moe_stats"):
+      stats = routing_lib.routing_stats(r, dropped_A)
+      for name, value in stats.items():
+        self.variable("moe_stats", name, lambda v=value: jnp.zeros_like(v)).value = value
+      if bias is not None:
+        self.variable("moe_stats", "bias", lambda: jnp.zeros_like(bias)).value = bias
+    return constrain(y_BTD, ("batch", "length", "embed"))
+
+
+def update_bias(moe_bias: Any, moe_stats: Any, rate: float) -> Any:
+  """Aux-loss-free balancing: b_i += rate * sign(mean_load - load_i), per layer.
+
+  `moe_stats` comes from the forward pass over the whole (global) batch, so the loads
+  are global counts. Trees: moe_bias[...]["bias"] pairs with moe_stats[...]["load"].
+  """
+  def upd(path_bias, stats_node):
+    load = stats_node["load"]
+    mean = jnp.mean(load, axis=-1, keepdims=True)
+    return path_bias + rate * jnp.sign(mean - load)
+
+  def walk(bias_node, stats_node):
+    if isinstance(bias_node, dict) or hasattr(bias_node, "items"):
+      if "bias" in bias_node and not hasattr(bias_node["bias"], "items"):
+        out = dict(bias_node)
+        out["bias"] = upd(bias_node["bias"], stats_node)
+        return out
+      return {k: walk(v, stats_node[k]) for k, v in bias_node.items()}
+    raise TypeError(f"unexpected moe_bias node {type(bias_node)}")
+
+  return walk(moe_bias, moe_stats)
