@@ -121,7 +121,7 @@ class BlockGroup(nn.Module):
     return x_BTD, None
 
 
-SIDE_COLLECTIONS = ("cache", "moe_bias", "moe_losses", "moe_stats")
+SIDE_COLLECTIONS = ("cache", "moe_bias", "moe_losses", "moe_stats", "moe_routes")
 
 
 class LM(nn.Module):

@@ -4,7 +4,8 @@ Side outputs live in named, non-param flax collections so the model stays pure:
   "moe_losses": this layer's weighted auxiliary losses (added to the training loss);
   "moe_stats":  telemetry (load histogram, max/mean load, CV, dropped fraction, entropy);
   "moe_bias":   the DeepSeek selection bias, not trained by gradients; the train step
-                updates it after each optimizer step with `update_bias`.
+                updates it after each optimizer step with `update_bias`;
+  "moe_routes": (analysis only) each token's gate per expert, see `token_assignments`.
 With `nn.scan` over layers each collection gets a leading layer axis.
 """
 
@@ -145,6 +146,9 @@ class MoEFFN(nn.Module):
         self.variable("moe_stats", name, lambda v=value: jnp.zeros_like(v)).value = value
       if bias is not None:
         self.variable("moe_stats", "bias", lambda: jnp.zeros_like(bias)).value = bias
+    if self.is_mutable_collection("moe_routes"):  # analysis only (token_assignments)
+      self.variable("moe_routes", "gates", lambda: jnp.zeros((n, e), jnp.float32)).value = (
+          r.combine_NE())
     return constrain(y_BTD, ("batch", "length", "embed"))
 
 
@@ -169,3 +173,20 @@ def update_bias(moe_bias: Any, moe_stats: Any, rate: float) -> Any:
     raise TypeError(f"unexpected moe_bias node {type(bias_node)}")
 
   return walk(moe_bias, moe_stats)
+
+
+def token_assignments(model, params, model_state: dict, tokens_BT: Array) -> dict[str, Array]:
+  """Token -> expert routing of every MoE layer for a batch (notebooks, analysis).
+
+  Returns {"gates": [layers, B, T, E] combine weights (0 = not routed there),
+  "experts": [layers, B, T, E] bool}. `model` is an LM (deterministic=True for eval-time
+  routing); layers are the MoE layers in depth order.
+  """
+  from moejax.train.steps import stack_moe_layers  # pylint: disable=g-import-not-at-top
+  _, side = model.apply({"params": params, **model_state}, tokens_BT, mutable=["moe_routes"])
+  gates = stack_moe_layers(side.get("moe_routes", {})).get("gates")
+  if gates is None:
+    raise ValueError("the model has no MoE layers")
+  b, t = tokens_BT.shape
+  gates = gates.reshape(gates.shape[0], b, t, gates.shape[-1])
+  return {"gates": gates, "experts": gates > 0}

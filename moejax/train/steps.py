@@ -70,10 +70,10 @@ def stack_moe_layers(tree: Any) -> dict[str, jax.Array]:
 
 
 def _is_scanned(node: dict) -> bool:
-  # "load" is [E] per layer, [R, E] when scanned; scalars are [] or [R].
-  load = node.get("load")
-  if load is not None:
-    return load.ndim == 2
+  # Per layer: "load"/"bias" are [E], "gates" [N, E], scalars []; scanned adds a leading R.
+  for name, ndim in (("load", 1), ("bias", 1), ("gates", 2)):
+    if name in node:
+      return node[name].ndim == ndim + 1
   return all(v.ndim == 1 for v in node.values())
 
 
@@ -118,7 +118,7 @@ def make_train_step(model, *, bias_update_rate: float = 0.0, debug_nan_step: int
                               opt_state=keep(new_opt, state.opt_state),
                               model_state=keep(new_model_state, state.model_state))
     metrics = {"loss": loss, "ce_loss": ce, "grad_norm": grad_norm, "finite": finite}
-    if losses:
+    if stats_tree:
       metrics["aux_loss"] = loss - ce
       metrics["moe_losses"] = losses
       metrics["moe_stats"] = stack_moe_layers(stats_tree)
