@@ -325,3 +325,32 @@ def test_moe_config_resolves_granularity_and_shared():
   mc = MoEConfig.from_config(cfg.model.moe, cfg.model.d_ff)
   assert mc.num_experts == 32 and mc.k == 7 and mc.expert_d_ff == 48
   assert mc.is_moe_layer(0) and mc.is_moe_layer(3)
+
+
+def test_training_logs_routing_telemetry_per_layer(tmp_path):
+  from moejax.train.loop import train
+  from moejax.train.metrics import read_metrics
+  cfg = load_config("configs/moe/deepseek.py:runlocal", [
+      "--config.train.num_steps=6", "--config.train.log_every=3", "--config.train.eval_every=6",
+      "--config.train.progress_bar=false", "--config.train.tensorboard=false",
+      "--config.train.async_checkpoint=false", "--config.train.peak_flops=1e11"])
+  s = train(cfg, str(tmp_path))
+  assert s["status"] == "completed"
+  rows = [r for r in read_metrics(str(tmp_path)) if r["split"] == "train"]
+  last = rows[-1]
+  layers = cfg.model.num_layers
+  e = cfg.model.moe.num_experts * cfg.model.moe.granularity
+  assert len(last["moe/load_per_layer"]) == layers
+  assert all(len(h) == e for h in last["moe/load_per_layer"])
+  # every token makes k - shared routed assignments per layer
+  k = cfg.model.moe.experts_per_token * cfg.model.moe.granularity - 1
+  tokens = cfg.data.batch_size * cfg.data.seq_len
+  assert all(sum(h) == tokens * k for h in last["moe/load_per_layer"])
+  for key in ("moe/load_cv", "moe/max_over_mean_load", "moe/dropped_fraction",
+              "moe/router_entropy", "moe/seq_balance_loss", "aux_loss", "ce_loss"):
+    assert isinstance(last[key], float), key
+  assert len(last["moe/load_cv_per_layer"]) == layers
+  # the loss-free bias moved away from zero and is logged per layer
+  bias = np.asarray(last["moe/bias_per_layer"])
+  assert bias.shape == (layers, e) and np.abs(bias).max() > 0
+  assert last["loss"] == pytest.approx(last["ce_loss"] + last["aux_loss"], rel=1e-5)
