@@ -265,6 +265,10 @@ def train(config, workdir: str) -> dict:
     pbar.close()
   ckpt.close()
 
+  if is_main:  # the whole curve, including evaluations from before a resume
+    from moejax.train.metrics import read_metrics
+    evals = [{"step": r["step"], "loss": r["loss"], "bpb": r["bpb"]}
+             for r in read_metrics(workdir) if r["split"] == "eval"]
   summary = {
       "status": status, "step": step, "num_steps": tc.num_steps,
       "tokens_seen": step * tokens_per_step, "wall_time_s": time.time() - t_start,
