@@ -3,32 +3,43 @@
     y_ND, dropped_A = moe_ffn(x_ND, routing, w_gate_EDF, w_up_EDF, w_down_EFD,
                               backend=..., capacity=...)
 
-y_N = sum over assignments a with token_A[a] == n of gate_A[a] * expert_{expert_A[a]}(x_n),
-expert_e(x) = (silu(x Wg_e) * (x Wu_e)) Wd_e. Matmuls run in x's dtype; gates multiply in
-float32 and the sum over a token's assignments accumulates in float32 (cast to x's dtype at
-the end). Backends differ in speed, never in results (tests/test_dispatch.py proves it),
-except that "capacity" drops the assignments that overflow an expert's buffer.
+y_n = sum over assignments a with token_A[a] == n of gate_A[a] * expert_{expert_A[a]}(x_n),
+expert_e(x) = (silu(x Wg_e) * (x Wu_e)) Wd_e. Matmuls run in x's dtype (weights are cast to
+it); gates multiply in float32 and a token's assignments are summed in float32, cast to x's
+dtype at the end. Backends differ in speed, never in results (tests/test_dispatch.py checks
+outputs and gradients against "reference"), except that the capacity backends drop the
+assignments that overflow an expert's buffer (dropped_A says which; they contribute 0 and the
+token passes through the residual outside this function).
 
-Backends:
-  reference        every expert on every token, combined by `routing.combine_NE()`.
-                   O(E N F); tests only.
-  capacity         Switch/GShard buffers [E, C, D]: assignment a sits at position
-                   p_a = #earlier assignments (in A order, i.e. first choices before second
-                   choices) to the same expert; dropped iff p_a >= C. Gather, batched einsum
-                   over E, gate-weighted scatter-add back. Static shapes; the [E, C, D]
-                   buffer is also what expert parallelism exchanges with all_to_all.
-  dropless_ragged  sort by expert, gather rows, `jax.lax.ragged_dot`, unsort + combine.
-                   The right choice on GPU/TPU; on XLA:CPU ragged_dot costs as much as
-                   running every expert on every row.
-  dropless_tiled   sorted, tile-padded layout processed tile by tile by a fused kernel
-                   (gather rows -> SwiGLU of the tile's expert -> gate -> scatter-add),
-                   custom VJP. Never materialises an [A, D] tensor: on CPU writing fresh
-                   large buffers costs about as much as the matmuls (page faults), so the
-                   fusion is what makes it fast. The CPU choice.
-  dropless         the fastest exact dropless implementation for the current platform
-                   (CPU: dropless_tiled; GPU/TPU: dropless_ragged).
-  (pallas)         reserved: a Pallas grouped matmul (moejax/kernels/gmm.py) will plug in at
-                   `_IMPLS` below with the same signature.
+Backends (`BACKENDS`):
+  reference        every expert on every token ([E, N, F]), combined by
+                   `routing.combine_NE()`. Tests only.
+  capacity         Switch/GShard semantics: assignment a takes position
+                   p_a = #earlier assignments (A order: first choices before second choices)
+                   to its expert and is dropped iff p_a >= capacity. Resolves to
+                   capacity_tiled on CPU and capacity_einsum elsewhere.
+  capacity_einsum  [E, C, D] buffers: gather, batched einsum over E, gate-weighted
+                   scatter-add. Static shapes; the [E, C, D] buffer is also what expert
+                   parallelism exchanges with all_to_all (see `capacity_slots`).
+  capacity_tiled   the capacity semantics on the tiled kernel below.
+  dropless         every assignment computed. Resolves to dropless_tiled on CPU and
+                   dropless_ragged elsewhere.
+  dropless_ragged  sort by expert, gather rows, `jax.lax.ragged_dot`, unsort + combine. On
+                   XLA:CPU it is slow: 8-10x a dense FFN of equal active FLOPs at E=8, k=2;
+                   32x forward at E=64, k=16, whose backward asks for 69 GB.
+  dropless_tiled   sorted, tile-padded layout run tile by tile by one fused kernel
+                   (gather rows -> SwiGLU of the tile's expert -> gate -> scatter-add) with
+                   a custom VJP. It never materialises an [A, D] tensor: on this CPU writing
+                   a fresh buffer costs ~0.5 ms/MB (page faults; the [A, D] gather at E=64,
+                   k=16, N=8192, D=512 is 268 MB), while 256-row matmuls run at the
+                   matmul peak. Measured (benchmarks/moe_layer.py, 4 runs on the shared
+                   2-core CPU): 1.05-1.12x / 0.99-1.28x the time of a dense FFN of equal
+                   active FLOPs (forward / forward+backward) at E=8, k=2; 1.13-1.20x /
+                   1.25-1.48x at E=64, k=16. Tile padding costs ~6% (tile / 2 rows per
+                   expert), and small per-tile matmuls suffer more than one large one when
+                   another process shares the cores.
+  (pallas)         reserved: a Pallas grouped matmul (moejax/kernels/gmm.py) registers in
+                   `_IMPLS` with the same signature.
 """
 
 from __future__ import annotations
@@ -44,15 +55,16 @@ from moejax.moe.routing import Routing
 
 Array = jax.Array
 
-BACKENDS = ("reference", "capacity", "dropless", "dropless_ragged", "dropless_tiled")
+BACKENDS = ("reference", "capacity", "capacity_einsum", "capacity_tiled", "dropless",
+            "dropless_ragged", "dropless_tiled")
+CAPACITY_BACKENDS = ("capacity", "capacity_einsum", "capacity_tiled")
 
 
 def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float,
                     min_capacity: int) -> int:
   """Slots per expert: max(min_capacity, ceil(capacity_factor * A / E)), at most A.
 
-  The product is rounded to 6 decimals before the ceil so that e.g. 1.1 * 100 / 10 gives
-  11, not 12.
+  The product is rounded to 6 decimals before the ceil so that 1.1 * 100 / 10 gives 11.
   """
   c = math.ceil(round(capacity_factor * num_assignments / num_experts, 6))
   return int(min(max(min_capacity, c), num_assignments))
@@ -61,21 +73,29 @@ def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: flo
 # ----------------------------------------------------------------------------- helpers
 
 
-def _swiglu(x_MD: Array, wg_DF: Array, wu_DF: Array, wd_FD: Array) -> Array:
-  return (jax.nn.silu(x_MD @ wg_DF) * (x_MD @ wu_DF)) @ wd_FD
+def _on_cpu() -> bool:
+  return jax.default_backend() == "cpu"
 
 
-def _positions(expert_A: Array, num_experts: int) -> tuple[Array, Array, Array]:
-  """(order_A, pos_A, count_E): a stable sort by expert, each assignment's rank among the
-  earlier assignments (in A order) to its expert, and the assignments per expert."""
+def _sort_by_expert(expert_A: Array, num_experts: int) -> tuple[Array, Array, Array, Array]:
+  """(order_S, expert_S, pos_A, count_E) for a stable sort of the assignments by expert.
+
+  pos_A[a] = number of earlier assignments (in A order) to a's expert. The sort is one
+  single-operand sort of expert * A + a when that fits int32 (5x faster on CPU than a
+  stable two-operand argsort).
+  """
   a = expert_A.shape[0]
-  order_A = jnp.argsort(expert_A, stable=True).astype(jnp.int32)
+  iota = jnp.arange(a, dtype=jnp.int32)
+  if num_experts * a < 2 ** 31:
+    key_S = jnp.sort(expert_A * a + iota)
+    order_S, expert_S = key_S % a, key_S // a
+  else:
+    order_S = jnp.argsort(expert_A, stable=True).astype(jnp.int32)
+    expert_S = expert_A[order_S]
   count_E = jnp.zeros((num_experts,), jnp.int32).at[expert_A].add(1)
   start_E = jnp.cumsum(count_E) - count_E
-  sorted_expert = expert_A[order_A]
-  pos_sorted = jnp.arange(a, dtype=jnp.int32) - start_E[sorted_expert]
-  pos_A = jnp.zeros((a,), jnp.int32).at[order_A].set(pos_sorted)
-  return order_A, pos_A, count_E
+  pos_A = jnp.zeros((a,), jnp.int32).at[order_S].set(iota - start_E[expert_S])
+  return order_S, expert_S, pos_A, count_E
 
 
 def _invert(row_A: Array, num_rows: int) -> Array:
@@ -85,9 +105,16 @@ def _invert(row_A: Array, num_rows: int) -> Array:
       jnp.arange(a, dtype=jnp.int32), mode="drop")
 
 
-def _take_rows(x_ND: Array, idx_M: Array) -> Array:
-  """x_ND[idx_M] with zero rows for out-of-range (sentinel) indices."""
-  return jnp.take(x_ND, idx_M, axis=0, mode="fill", fill_value=0)
+def _take_rows(x: Array, idx: Array) -> Array:
+  """x[idx] along axis 0, zeros for out-of-range (sentinel) indices."""
+  return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+
+
+def _rows_of(routing: Routing, assign_R: Array) -> tuple[Array, Array]:
+  """(token_R, gate_R) of a row -> assignment map; sentinel rows get token N, gate 0."""
+  a = routing.token_A.shape[0]
+  token_R = jnp.where(assign_R < a, _take_rows(routing.token_A, assign_R), routing.num_tokens)
+  return token_R.astype(jnp.int32), _take_rows(routing.gate_A, assign_R)
 
 
 def _combine(rows_MD: Array, gate_M: Array, token_M: Array, num_tokens: int) -> Array:
@@ -103,78 +130,94 @@ def _combine(rows_MD: Array, gate_M: Array, token_M: Array, num_tokens: int) -> 
 def _reference(x_ND, routing, wg, wu, wd, capacity):
   del capacity
   h_ENF = jax.nn.silu(jnp.einsum("nd,edf->enf", x_ND, wg)) * jnp.einsum("nd,edf->enf", x_ND, wu)
-  out_END = jnp.einsum("enf,efd->end", h_ENF, wd)
-  y = jnp.einsum("ne,end->nd", routing.combine_NE(), out_END.astype(jnp.float32))
-  return y, jnp.zeros(routing.token_A.shape, bool)
+  out_END = jnp.einsum("enf,efd->end", h_ENF, wd).astype(jnp.float32)
+  y_ND = jnp.einsum("ne,end->nd", routing.combine_NE(), out_END)
+  return y_ND, jnp.zeros(routing.token_A.shape, bool)
 
 
 # ----------------------------------------------------------------------------- capacity
 
 
 def capacity_slots(routing: Routing, capacity: int) -> tuple[Array, Array]:
-  """(slot_A, dropped_A): buffer slot e * C + p_a of each assignment (E * C if dropped)."""
+  """(slot_A, dropped_A): the [E * C] buffer slot e * C + p_a of each assignment (E * C,
+  out of range, when dropped: p_a >= C)."""
   e = routing.num_experts
-  _, pos_A, _ = _positions(routing.expert_A, e)
+  pos_A = _sort_by_expert(routing.expert_A, e)[2]
   dropped_A = pos_A >= capacity
   slot_A = jnp.where(dropped_A, e * capacity, routing.expert_A * capacity + pos_A)
   return slot_A, dropped_A
 
 
-def _capacity(x_ND, routing, wg, wu, wd, capacity):
-  if capacity is None or capacity < 1:
-    raise ValueError(f"backend='capacity' needs capacity >= 1 slots per expert; got {capacity!r}")
-  e, n, d = routing.num_experts, routing.num_tokens, x_ND.shape[1]
-  slot_A, dropped_A = capacity_slots(routing, capacity)
-  assign_S = _invert(slot_A, e * capacity)  # S = E * C slots
-  token_S = _take_rows(routing.token_A, assign_S).astype(jnp.int32)
-  token_S = jnp.where(assign_S < slot_A.shape[0], token_S, n)
-  gate_S = _take_rows(routing.gate_A, assign_S)
-  x_ECD = _take_rows(x_ND, token_S).reshape(e, capacity, d)
+def _check_capacity(capacity) -> int:
+  if capacity is None or int(capacity) < 1:
+    raise ValueError(f"capacity backends need capacity >= 1 slots per expert; got {capacity!r}")
+  return int(capacity)
+
+
+def _capacity_einsum(x_ND, routing, wg, wu, wd, capacity):
+  c = _check_capacity(capacity)
+  e, d = routing.num_experts, x_ND.shape[1]
+  slot_A, dropped_A = capacity_slots(routing, c)
+  token_S, gate_S = _rows_of(routing, _invert(slot_A, e * c))  # S = E * C slots
+  x_ECD = _take_rows(x_ND, token_S).reshape(e, c, d)
   h_ECF = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x_ECD, wg)) * jnp.einsum("ecd,edf->ecf", x_ECD, wu)
   out_ECD = jnp.einsum("ecf,efd->ecd", h_ECF, wd)
-  return _combine(out_ECD.reshape(e * capacity, d), gate_S, token_S, n), dropped_A
+  return _combine(out_ECD.reshape(e * c, d), gate_S, token_S, routing.num_tokens), dropped_A
 
 
-# ----------------------------------------------------------------------------- dropless
+# ----------------------------------------------------------------------------- ragged
 
 
 def _dropless_ragged(x_ND, routing, wg, wu, wd, capacity):
   del capacity
-  e, n = routing.num_experts, routing.num_tokens
-  order_A, _, count_E = _positions(routing.expert_A, e)
-  token_S = routing.token_A[order_A]
+  order_S, _, _, count_E = _sort_by_expert(routing.expert_A, routing.num_experts)
+  token_S = routing.token_A[order_S]
   x_SD = x_ND[token_S]
   h_SF = (jax.nn.silu(jax.lax.ragged_dot(x_SD, wg, count_E))
           * jax.lax.ragged_dot(x_SD, wu, count_E))
   out_SD = jax.lax.ragged_dot(h_SF, wd, count_E)
-  return _combine(out_SD, routing.gate_A[order_A], token_S, n), jnp.zeros(order_A.shape, bool)
+  y_ND = _combine(out_SD, routing.gate_A[order_S], token_S, routing.num_tokens)
+  return y_ND, jnp.zeros(order_S.shape, bool)
+
+
+# ----------------------------------------------------------------------------- tiled
 
 
 def tile_size(num_assignments: int, num_experts: int) -> int:
-  """Rows per tile of the tiled kernel: about a quarter of the mean expert load, a power of
-  two in [8, 512] (padding wastes < E * tile rows; each tile costs a loop step)."""
-  mean = max(1, num_assignments // num_experts)
-  t = 1 << max(3, (mean // 4).bit_length())
-  return int(min(512, t))
+  """Rows per tile: the power of two nearest below 1/8 of the mean expert load, in [8, 256].
+
+  Padding wastes < tile rows per expert (about tile / 2 on average); every tile costs a
+  loop step and small tiles run below the matmul peak. Measured on the 2-core CPU at 2048
+  rows per expert: 256 and 512 about tie, 128 is ~10% slower.
+  """
+  per8 = max(1, num_assignments // (8 * num_experts))
+  return int(min(256, max(8, 1 << (per8.bit_length() - 1))))
 
 
-def tiled_layout(routing: Routing, tile: int) -> tuple[Array, Array, Array, Array]:
-  """Sorted, tile-padded layout: each expert's rows start at a tile boundary.
+def tiled_layout(routing: Routing, tile: int, capacity: int | None = None
+                 ) -> tuple[Array, Array, Array, Array]:
+  """Sorted, tile-padded rows: each expert's assignments, in A order, from a tile boundary.
 
-  Returns (assign_R, expert_G, num_tiles, row_A): the assignment in each of the R = G * tile
-  rows (sentinel A for padding), the expert of each of the G = ceil(A / tile) + E tiles,
-  the number of tiles in use, and each assignment's row.
+  With `capacity`, only the first `capacity` assignments of each expert get rows.
+  Returns (assign_R, expert_G, num_tiles, dropped_A): the assignment of each of the
+  R = G * tile rows (sentinel A for padding), the expert of each of the G tiles (G is a
+  static upper bound: ceil(A / tile) + E, and at most E * ceil(capacity / tile)), the
+  number of tiles in use, and the dropped mask.
   """
   a, e = routing.token_A.shape[0], routing.num_experts
+  _, _, pos_A, count_E = _sort_by_expert(routing.expert_A, e)
   g = -(-a // tile) + e
-  _, pos_A, count_E = _positions(routing.expert_A, e)
+  if capacity is not None:
+    count_E = jnp.minimum(count_E, capacity)
+    g = min(g, e * -(-capacity // tile))
+  dropped_A = (pos_A >= capacity) if capacity is not None else jnp.zeros((a,), bool)
   tiles_E = -(-count_E // tile)
   tile_end_E = jnp.cumsum(tiles_E)
   row_start_E = (tile_end_E - tiles_E) * tile
-  row_A = row_start_E[routing.expert_A] + pos_A
-  assign_R = _invert(row_A, g * tile)
-  expert_G = jnp.minimum(jnp.searchsorted(tile_end_E, jnp.arange(g), side="right"), e - 1)
-  return assign_R, expert_G.astype(jnp.int32), tile_end_E[-1], row_A
+  row_A = jnp.where(dropped_A, g * tile, row_start_E[routing.expert_A] + pos_A)
+  expert_G = jnp.searchsorted(tile_end_E, jnp.arange(g, dtype=jnp.int32), side="right")
+  expert_G = jnp.minimum(expert_G, e - 1).astype(jnp.int32)
+  return _invert(row_A, g * tile), expert_G, tile_end_E[-1], dropped_A
 
 
 def _tiled_ffn_fwd(tile, x_ND, wgu, wd, gate_R, token_R, expert_G, num_tiles):
@@ -183,11 +226,11 @@ def _tiled_ffn_fwd(tile, x_ND, wgu, wd, gate_R, token_R, expert_G, num_tiles):
   def body(i, carry):
     y_ND, gu_R2F = carry
     e = expert_G[i]
-    tok = jax.lax.dynamic_slice_in_dim(token_R, i * tile, tile)
-    gate = jax.lax.dynamic_slice_in_dim(gate_R, i * tile, tile)
-    gu_T2F = _take_rows(x_ND, tok) @ wgu[e]
+    tok_T = jax.lax.dynamic_slice_in_dim(token_R, i * tile, tile)
+    gate_T = jax.lax.dynamic_slice_in_dim(gate_R, i * tile, tile)
+    gu_T2F = _take_rows(x_ND, tok_T) @ wgu[e]
     o_TD = (jax.nn.silu(gu_T2F[:, :f]) * gu_T2F[:, f:]) @ wd[e]
-    y_ND = y_ND.at[tok].add(o_TD.astype(jnp.float32) * gate[:, None], mode="drop")
+    y_ND = y_ND.at[tok_T].add(o_TD.astype(jnp.float32) * gate_T[:, None], mode="drop")
     return y_ND, jax.lax.dynamic_update_slice_in_dim(gu_R2F, gu_T2F, i * tile, 0)
 
   init = (jnp.zeros(x_ND.shape, jnp.float32), jnp.zeros((r, 2 * f), x_ND.dtype))
@@ -196,9 +239,14 @@ def _tiled_ffn_fwd(tile, x_ND, wgu, wd, gate_R, token_R, expert_G, num_tiles):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _tiled_ffn(tile, x_ND, wgu, wd, gate_R, token_R, expert_G, num_tiles):
-  """float32 y_N = sum over rows r with token_R[r] == n of gate_R[r] * expert_{tile's}(x_n);
-  wgu_E,D,2F = [Wg | Wu]."""
+def _tiled_ffn(tile: int, x_ND: Array, wgu: Array, wd: Array, gate_R: Array, token_R: Array,
+               expert_G: Array, num_tiles: Array) -> Array:
+  """float32 y_n = sum over rows r with token_R[r] == n of gate_R[r] * expert(x_n), the
+  expert being that of r's tile; wgu_E,D,2F = [Wg | Wu]. Tiles >= num_tiles are skipped.
+
+  The forward keeps the pre-activations [R, 2F] (as autodiff of a dense FFN would); the
+  backward walks the tiles again, accumulating weight gradients per expert in float32.
+  """
   return _tiled_ffn_fwd(tile, x_ND, wgu, wd, gate_R, token_R, expert_G, num_tiles)[0]
 
 
@@ -209,83 +257,105 @@ def _tiled_ffn_bwd(tile, res, dy_ND):
   def body(i, carry):
     dx_ND, dwgu, dwd, dgate_R = carry
     e = expert_G[i]
-    tok = jax.lax.dynamic_slice_in_dim(token_R, i * tile, tile)
-    gate = jax.lax.dynamic_slice_in_dim(gate_R, i * tile, tile)[:, None]
+    tok_T = jax.lax.dynamic_slice_in_dim(token_R, i * tile, tile)
+    gate_T1 = jax.lax.dynamic_slice_in_dim(gate_R, i * tile, tile)[:, None]
     gu_T2F = jax.lax.dynamic_slice_in_dim(gu_R2F, i * tile, tile)
     g_TF, u_TF = gu_T2F[:, :f], gu_T2F[:, f:]
-    x_TD = _take_rows(x_ND, tok)
-    dy_TD = _take_rows(dy_ND, tok)  # float32
+    x_TD = _take_rows(x_ND, tok_T)
+    dy_TD = _take_rows(dy_ND, tok_T)  # float32
     sig = jax.nn.sigmoid(g_TF)
     silu = g_TF * sig
     h_TF = silu * u_TF
-    dh_raw = jnp.einsum("td,fd->tf", dy_TD.astype(cdt), wd[e]).astype(jnp.float32)
-    dgate = jnp.sum(dh_raw * h_TF.astype(jnp.float32), axis=-1)
-    dh = (dh_raw * gate).astype(cdt)
+    dh_TF = jnp.einsum("td,fd->tf", dy_TD.astype(cdt), wd[e]).astype(jnp.float32)
+    dgate_T = jnp.sum(dh_TF * h_TF.astype(jnp.float32), axis=-1)
+    dh = (dh_TF * gate_T1).astype(cdt)
     dgu_T2F = jnp.concatenate([dh * u_TF * (sig * (1 + g_TF * (1 - sig))), dh * silu], axis=1)
-    dwd = dwd.at[e].add(jnp.einsum("tf,td->fd", h_TF, (dy_TD * gate).astype(cdt)
-                                   ).astype(jnp.float32))
+    do_TD = (dy_TD * gate_T1).astype(cdt)
+    dwd = dwd.at[e].add(jnp.einsum("tf,td->fd", h_TF, do_TD).astype(jnp.float32))
     dwgu = dwgu.at[e].add(jnp.einsum("td,tf->df", x_TD, dgu_T2F).astype(jnp.float32))
     dx_TD = jnp.einsum("tf,df->td", dgu_T2F, wgu[e])
-    dx_ND = dx_ND.at[tok].add(dx_TD.astype(jnp.float32), mode="drop")
-    dgate_R = jax.lax.dynamic_update_slice_in_dim(dgate_R, dgate, i * tile, 0)
+    dx_ND = dx_ND.at[tok_T].add(dx_TD.astype(jnp.float32), mode="drop")
+    dgate_R = jax.lax.dynamic_update_slice_in_dim(dgate_R, dgate_T, i * tile, 0)
     return dx_ND, dwgu, dwd, dgate_R
 
-  acc = jnp.float32
-  init = (jnp.zeros(x_ND.shape, acc), jnp.zeros(wgu.shape, acc), jnp.zeros(wd.shape, acc),
-          jnp.zeros(gate_R.shape, jnp.float32))
+  f32 = jnp.float32
+  init = (jnp.zeros(x_ND.shape, f32), jnp.zeros(wgu.shape, f32), jnp.zeros(wd.shape, f32),
+          jnp.zeros(gate_R.shape, f32))
   dx_ND, dwgu, dwd, dgate_R = jax.lax.fori_loop(0, num_tiles, body, init)
-  return (dx_ND.astype(x_ND.dtype), dwgu.astype(wgu.dtype), dwd.astype(wd.dtype), dgate_R,
-          None, None, None)
+  return (dx_ND.astype(x_ND.dtype), dwgu.astype(wgu.dtype), dwd.astype(wd.dtype),
+          dgate_R.astype(gate_R.dtype), None, None, None)
 
 
 _tiled_ffn.defvjp(_tiled_ffn_fwd, _tiled_ffn_bwd)
 
 
+def _tiled(x_ND, routing, wg, wu, wd, capacity, *, tile: int | None = None):
+  """Dropless (capacity None) or capacity-limited dispatch through `_tiled_ffn`."""
+  a = routing.token_A.shape[0]
+  tile = tile or tile_size(a if capacity is None else min(a, capacity * routing.num_experts),
+                           routing.num_experts)
+  assign_R, expert_G, num_tiles, dropped_A = tiled_layout(routing, tile, capacity)
+  token_R, gate_R = _rows_of(routing, assign_R)
+  wgu = jnp.concatenate([wg, wu], axis=2)
+  return _tiled_ffn(tile, x_ND, wgu, wd, gate_R, token_R, expert_G, num_tiles), dropped_A
+
+
 def _dropless_tiled(x_ND, routing, wg, wu, wd, capacity, *, tile: int | None = None):
   del capacity
-  a, e, n = routing.token_A.shape[0], routing.num_experts, routing.num_tokens
-  tile = tile or tile_size(a, e)
-  assign_R, expert_G, num_tiles, _ = tiled_layout(routing, tile)
-  token_R = jnp.where(assign_R < a, _take_rows(routing.token_A, assign_R), n).astype(jnp.int32)
-  gate_R = _take_rows(routing.gate_A, assign_R)
-  wgu = jnp.concatenate([wg, wu], axis=2)
-  y = _tiled_ffn(tile, x_ND, wgu, wd, gate_R, token_R, expert_G, num_tiles)
-  return y, jnp.zeros((a,), bool)
+  return _tiled(x_ND, routing, wg, wu, wd, None, tile=tile)
 
 
-def _dropless(x_ND, routing, wg, wu, wd, capacity):
-  impl = _dropless_tiled if jax.default_backend() == "cpu" else _dropless_ragged
-  return impl(x_ND, routing, wg, wu, wd, capacity)
+def _capacity_tiled(x_ND, routing, wg, wu, wd, capacity, *, tile: int | None = None):
+  return _tiled(x_ND, routing, wg, wu, wd, _check_capacity(capacity), tile=tile)
 
 
-# A Pallas grouped-matmul backend ("pallas", moejax/kernels/gmm.py) registers here.
+# ----------------------------------------------------------------------------- selection
+
+# Implementations by name. A Pallas grouped-matmul backend ("pallas", moejax/kernels/gmm.py)
+# registers here, and in _PLATFORM_CHOICE if it becomes the fastest dropless on GPU/TPU.
 _IMPLS: dict[str, Callable] = {
     "reference": _reference,
-    "capacity": _capacity,
-    "dropless": _dropless,
+    "capacity_einsum": _capacity_einsum,
+    "capacity_tiled": _capacity_tiled,
     "dropless_ragged": _dropless_ragged,
     "dropless_tiled": _dropless_tiled,
 }
+# Generic names -> (CPU choice, GPU/TPU choice): the fastest exact implementation of each.
+_PLATFORM_CHOICE = {"capacity": ("capacity_tiled", "capacity_einsum"),
+                    "dropless": ("dropless_tiled", "dropless_ragged")}
+
+
+def resolve_backend(backend: str) -> str:
+  """The implementation a backend name runs on this platform ("dropless" -> "dropless_tiled"
+  on CPU, "dropless_ragged" on GPU/TPU); a ValueError for unknown names."""
+  if backend in _PLATFORM_CHOICE:
+    cpu, accel = _PLATFORM_CHOICE[backend]
+    return cpu if _on_cpu() else accel
+  if backend not in _IMPLS:
+    raise ValueError(f"moe dispatch backend {backend!r} is unknown; allowed: "
+                     f"{', '.join(BACKENDS)}")
+  return backend
 
 
 def moe_ffn(x_ND: Array, routing: Routing, w_gate_EDF: Array, w_up_EDF: Array,
             w_down_EFD: Array, *, backend: str, capacity: int | None = None
             ) -> tuple[Array, Array]:
-  """SwiGLU experts applied to routed tokens. Returns (y_ND in x's dtype, dropped_A bool).
+  """SwiGLU experts applied to routed tokens: (y_ND in x's dtype, dropped_A bool [A]).
 
-  `capacity` (slots per expert) is required by "capacity" and ignored by the others.
+  `capacity` (slots per expert) is required by the capacity backends, ignored by the others.
   """
-  if backend not in _IMPLS:
-    raise ValueError(f"moe backend {backend!r} unknown; allowed: {', '.join(BACKENDS)}")
+  impl = _IMPLS[resolve_backend(backend)]
   n, d = x_ND.shape
-  e, f = routing.num_experts, w_gate_EDF.shape[2]
+  e, f = routing.num_experts, w_gate_EDF.shape[-1]
   if routing.num_tokens != n:
-    raise ValueError(f"routing.num_tokens={routing.num_tokens} but x has {n} tokens")
+    raise ValueError(f"routing.num_tokens={routing.num_tokens} but x_ND has {n} rows")
   for name, w, shape in (("w_gate_EDF", w_gate_EDF, (e, d, f)), ("w_up_EDF", w_up_EDF, (e, d, f)),
                          ("w_down_EFD", w_down_EFD, (e, f, d))):
     if w.shape != shape:
-      raise ValueError(f"{name} has shape {w.shape}; expected {shape} (E, D, F from routing/x)")
+      raise ValueError(f"{name} has shape {w.shape}; expected {shape} from routing and x_ND")
+  if backend in CAPACITY_BACKENDS:
+    _check_capacity(capacity)
   cdt = x_ND.dtype
   wg, wu, wd = (w.astype(cdt) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
-  y_ND, dropped_A = _IMPLS[backend](x_ND, routing, wg, wu, wd, capacity)
+  y_ND, dropped_A = impl(x_ND, routing, wg, wu, wd, capacity)
   return y_ND.astype(cdt), dropped_A
