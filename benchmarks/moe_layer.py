@@ -110,8 +110,8 @@ def bench_case(name: str, e: int, k: int, f: int, reps: int, slow_reps: int,
 
   active = 6.0 * N * k * D * f
   out = {"num_experts": e, "k": k, "expert_d_ff": f, "dense_d_ff": DENSE_FF, "tokens": N,
-         "d_model": D, "active_fwd_flops": active, "max_over_mean_load": float(load.max() / load.mean()),
-         "variants": {}}
+         "d_model": D, "active_fwd_flops": active,
+         "max_over_mean_load": float(load.max() / load.mean()), "variants": {}}
   for mode, wrap, flops in (("fwd", lambda fn: fn, active), ("fwd_bwd", _fwd_bwd, 3 * active)):
     fns = []
     for label, fn, ws, _ in entries:

@@ -358,7 +358,7 @@ def _numpy_topk(seed: int, n: int, e: int, k: int) -> Routing:
                  jnp.asarray(gate_NK.T.reshape(-1), jnp.float32), {}, {}, e, n)
 
 
-_PROPERTY = hypothesis.settings(max_examples=5, deadline=None, derandomize=True,
+_PROPERTY = hypothesis.settings(max_examples=5, deadline=None, derandomize=True, database=None,
                                 suppress_health_check=list(hypothesis.HealthCheck))
 
 
