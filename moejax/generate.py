@@ -42,24 +42,29 @@ def init_cache(model: LM, batch: int):
 
 def generate(cfg: LMConfig, params, prompt_BP: jax.Array, max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, rng: jax.Array | None = None,
-             return_logits: bool = False):
-  """Tokens [B, P + max_new_tokens] (and the logits of every generated position)."""
+             return_logits: bool = False, model_state: dict | None = None):
+  """Tokens [B, P + max_new_tokens] (and the logits of every generated position).
+
+  `model_state`: the non-param collections of the run (e.g. {"moe_bias": ...}).
+  """
+  model_state = dict(model_state or {})
   b, p = prompt_BP.shape
   cfg = dataclasses.replace(cfg, max_seq_len=p + max_new_tokens)
   model = LM(cfg, decode=True)
   rng = jax.random.PRNGKey(0) if rng is None else rng
 
   @jax.jit
-  def run(params, prompt_BP, rng):
+  def run(params, model_state, prompt_BP, rng):
     cache = init_cache(model, b)
     pos = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    logits, mut = model.apply({"params": params, "cache": cache}, prompt_BP, pos, mutable=["cache"])
+    logits, mut = model.apply({"params": params, "cache": cache, **model_state}, prompt_BP, pos,
+                              mutable=["cache"])
     first_logits = logits[:, -1]
     tok = sample_logits(first_logits, jax.random.fold_in(rng, 0), temperature, top_k)
 
     def step(carry, i):
       cache, tok = carry
-      logits, mut = model.apply({"params": params, "cache": cache}, tok[:, None],
+      logits, mut = model.apply({"params": params, "cache": cache, **model_state}, tok[:, None],
                                 jnp.full((b, 1), p + i, jnp.int32), mutable=["cache"])
       nxt = sample_logits(logits[:, 0], jax.random.fold_in(rng, i + 1), temperature, top_k)
       return (mut["cache"], nxt), (nxt, logits[:, 0])
@@ -70,12 +75,13 @@ def generate(cfg: LMConfig, params, prompt_BP: jax.Array, max_new_tokens: int, *
     all_logits = jnp.concatenate([first_logits[:, None], step_logits.transpose(1, 0, 2)], axis=1)
     return jnp.concatenate([prompt_BP, new], axis=1), all_logits
 
-  out, logits = run(params, prompt_BP, rng)
+  out, logits = run(params, model_state, prompt_BP, rng)
   return (out, logits) if return_logits else out
 
 
 def load_run(workdir: str):
-  """(config, tokenizer, LMConfig, params) of the newest good checkpoint in workdir."""
+  """(config, tokenizer, LMConfig, params, step, model_state) of the newest good
+  checkpoint in workdir."""
   from moejax.data import make_tokenizer
   from moejax.train import checkpoint as ckpt_lib
   from moejax.train.loop import abstract_train_state, build_model
@@ -94,7 +100,7 @@ def load_run(workdir: str):
   if restored is None:
     raise FileNotFoundError(f"no usable checkpoint in {workdir}/checkpoints")
   payload, _, meta = restored
-  return config, tok, mc, payload["params"], int(meta["step"])
+  return config, tok, mc, payload["params"], int(meta["step"]), payload.get("model_state", {})
 
 
 def main(argv=None) -> int:
@@ -114,13 +120,13 @@ def main(argv=None) -> int:
     p.error(f"--temperature={a.temperature}: must be >= 0 (0 = greedy)")
   if a.top_k < 0:
     p.error(f"--top_k={a.top_k}: must be >= 0 (0 = no top-k)")
-  config, tok, mc, params, step = load_run(a.workdir)
+  config, tok, mc, params, step, model_state = load_run(a.workdir)
   ids = np.asarray(tok.encode(a.prompt), np.int32)
   prompt = jnp.asarray(np.tile(np.concatenate([[tok.bos_id], ids])[None], (a.num_samples, 1)))
   if prompt.shape[1] + a.max_new_tokens > mc.max_seq_len:
     print(f"[moejax] note: generating past the trained length {mc.max_seq_len}", file=sys.stderr)
   out = generate(mc, params, prompt, a.max_new_tokens, temperature=a.temperature,
-                 top_k=a.top_k, rng=jax.random.PRNGKey(a.seed))
+                 top_k=a.top_k, rng=jax.random.PRNGKey(a.seed), model_state=model_state)
   print(f"[moejax] {config.name} at step {step}", file=sys.stderr)
   for row in np.asarray(out):
     print(tok.decode(row[1:].tolist()))

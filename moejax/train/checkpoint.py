@@ -125,4 +125,5 @@ class Checkpointer:
 def _payload(state: Any) -> dict:
   """The array part of a TrainState (the optimizer transform itself is code, not data)."""
   return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
-          "rng": state.rng} if not isinstance(state, dict) else state
+          "rng": state.rng, "model_state": state.model_state} if not isinstance(state, dict) \
+      else state
