@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moejax import flops as flops_lib  # noqa: E402
+from moejax.bench import machine_info, write_json  # noqa: E402
 from moejax.moe import dispatch  # noqa: E402
 from moejax.moe import routing as routing_lib  # noqa: E402
 
@@ -194,16 +193,12 @@ def main() -> None:
       print(f"{name}: best dropless {m}: {b} x{ratio:.2f} dense (goal <= x{GOALS[name]})")
 
   out = {"benchmark": "moe_layer", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                     "backend": jax.default_backend(), "devices": jax.device_count(),
-                     "python": platform.python_version(), "jax": jax.__version__},
+         "machine": machine_info(),
          "settings": {"reps": reps, "slow_reps": slow_reps, "dtype": "float32",
                       "routing": "topk_softmax of 0.1 * N(0, 1) logits"},
          "matmul_peak_flops": {"median": peak, "all": peaks},
          "summary": summary, "cases": cases, "wall_s": time.perf_counter() - t_start}
-  os.makedirs(os.path.dirname(a.out), exist_ok=True)
-  with open(a.out, "w") as fh:
-    json.dump(out, fh, indent=2)
+  write_json(a.out, out)
   print(f"wrote {a.out} in {out['wall_s']:.0f} s")
 
 

@@ -10,9 +10,7 @@ compile + warm-up step. Synthetic tokens: this times the step, not the data pipe
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from moejax import flops as flops_lib  # noqa: E402
+from moejax.bench import machine_info, write_json  # noqa: E402
 from moejax.config import load_config  # noqa: E402
 from moejax.train.loop import build_model, init_state  # noqa: E402
 from moejax.train.optimizer import make_optimizer  # noqa: E402
@@ -91,13 +90,9 @@ def main() -> None:
           f"  {r['tokens_per_s'] / 1e3:6.1f}k tok/s  {r['achieved_gflops']:6.1f} GFLOP/s"
           f"  MFU {r['mfu']:.1%}")
   out = {"benchmark": "train_step", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                     "backend": jax.default_backend(), "devices": jax.device_count(),
-                     "python": platform.python_version(), "jax": jax.__version__},
+         "machine": machine_info(),
          "matmul_peak_flops": peak, "results": rows}
-  os.makedirs(os.path.dirname(a.out), exist_ok=True)
-  with open(a.out, "w") as f:
-    json.dump(out, f, indent=2)
+  write_json(a.out, out)
   print(f"wrote {a.out}")
 
 
