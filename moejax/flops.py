@@ -75,7 +75,6 @@ def measure_matmul_peak(n: int = 1024, reps: int = 7, dtype: str = "float32") ->
   import time
 
   import jax
-  import jax.numpy as jnp
 
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype=dtype)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype=dtype)

@@ -19,7 +19,6 @@ import platform
 import signal
 import sys
 import time
-from typing import Any
 
 import flax
 import flax.linen as nn
