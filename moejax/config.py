@@ -68,6 +68,29 @@ def base_config() -> ml_collections.ConfigDict:
   e.first_dense = 0  # the first k layers keep a dense FFN
   e.allow_noncausal = False  # must be True to use expert_choice in a causal LM
 
+  r = m.recursion = ml_collections.ConfigDict()
+  # L = model.num_layers effective layers from U unique layers looped R = num_loops times.
+  r.strategy = "none"  # none | cycle | sequence | middle_cycle | middle_sequence
+  r.num_loops = 1  # R; >= 2 with a strategy
+  r.unshared_norms = False  # WideNet: each loop keeps its own RMSNorm scales
+  r.lora_rank = 0  # relaxed recursion: per-loop LoRA on attention and dense FFN; 0 = off
+  r.lora_alpha = 0.0  # LoRA scale alpha / rank; 0 -> alpha = rank (scale 1)
+  r.router = "none"  # Mixture-of-Recursions: none | expert | token
+  r.capacities = ()  # per-step kept fraction, e.g. (1.0, 0.67, 0.33); () = all 1.0
+  r.gate = "sigmoid"  # sigmoid | tanh | none: the router weight on a step's update
+  r.gate_alpha = 1.0
+  r.aux = "bce"  # expert: bce (router learns top-k membership) | causal_router
+  r.aux_coef = 0.1
+  r.threshold = 0.5  # expert, inference: a token goes on while its router prob > threshold
+  r.eval_routing = "threshold"  # expert, eval: threshold (causal) | topk (non-causal)
+  r.balance = "loss"  # token: loss | bias (loss-free) | none
+  r.balance_coef = 0.01
+  r.bias_update_rate = 1e-3
+  r.z_loss_coef = 1e-3  # token router z-loss
+  r.kv_sharing = False  # every step attends to the first recursion's K/V
+  r.eval_loops = 0  # inference depth: run only this many loops (0 = num_loops)
+  r.kv_cache_fractions = ()  # decoding: slots per step as a fraction of max_seq_len; () = 1.0
+
   d = c.data = ml_collections.ConfigDict()
   d.source = "embedded"  # embedded | tfds
   d.paths = ()  # embedded: files/folders; empty -> standard library of this Python
@@ -177,8 +200,13 @@ def _parse_like(old: Any, raw: str, key: str) -> Any:
       return float(raw)
     if isinstance(old, (tuple, list)):
       items = [s for s in raw.strip("()[]").split(",") if s.strip()]
-      kind = type(old[0]) if old else str
-      return tuple(kind(s.strip().strip("'\"")) for s in items)
+      items = [s.strip().strip("'\"") for s in items]
+      if old or key.endswith(("paths", "extensions")):
+        return tuple(type(old[0] if old else "")(s) for s in items)
+      try:  # an empty default: numbers if they all parse, else strings
+        return tuple(float(s) for s in items)
+      except ValueError:
+        return tuple(items)
   except ValueError:
     raise ConfigError(f"override {key}={raw!r}: cannot parse as {type(old).__name__}") from None
   return raw
@@ -258,6 +286,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("model.scan_layers", m.scan_layers, "must be True or False")
 
   _validate_moe(config)
+  _validate_recursion(config)
 
   # data
   _choice(config, "data.source", ("embedded", "tfds"))
@@ -381,3 +410,77 @@ def _validate_moe(config) -> None:
   for f in ("renormalize", "allow_noncausal"):
     if not isinstance(e[f], bool):
       _fail(f"model.moe.{f}", e[f], "must be True or False")
+
+
+RECURSION_STRATEGIES = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
+
+
+def _floats(c, field, lo, hi, length):
+  v = _get(c, field)
+  if isinstance(v, str) or not isinstance(v, (tuple, list)) or (v and len(v) != length):
+    _fail(field, v, f"must be () or a tuple of {length} numbers (one per loop)")
+  for x in v:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not lo < x <= hi:
+      _fail(field, v, f"every entry must lie in ({lo}, {hi}]")
+
+
+def _validate_recursion(config) -> None:
+  m, r = config.model, config.model.recursion
+  _choice(config, "model.recursion.strategy", RECURSION_STRATEGIES)
+  _pos_int(config, "model.recursion.num_loops")
+  _choice(config, "model.recursion.router", ("none", "expert", "token"))
+  if r.strategy == "none":
+    for f, default in (("num_loops", 1), ("router", "none"), ("lora_rank", 0),
+                       ("unshared_norms", False), ("kv_sharing", False)):
+      if r[f] != default:
+        _fail(f"model.recursion.{f}", r[f],
+              "needs a sharing strategy: set model.recursion.strategy to one of "
+              f"{list(RECURSION_STRATEGIES[1:])}")
+    return
+  big_r, layers = r.num_loops, m.num_layers
+  if big_r < 2:
+    _fail("model.recursion.num_loops", big_r, "must be >= 2 with a sharing strategy")
+  if r.strategy.startswith("middle"):
+    if layers < 2 + big_r or (layers - 2) % big_r:
+      _fail("model.num_layers", layers,
+            f"{r.strategy} keeps the first and last layers unique, so model.num_layers - 2 "
+            f"must be a positive multiple of model.recursion.num_loops={big_r}")
+  elif layers % big_r:
+    _fail("model.num_layers", layers,
+          f"must be a multiple of model.recursion.num_loops={big_r} for {r.strategy}")
+  _nonneg_int(config, "model.recursion.lora_rank")
+  _float_range(config, "model.recursion.lora_alpha", 0, 1e6)
+  for f in ("unshared_norms", "kv_sharing"):
+    if not isinstance(r[f], bool):
+      _fail(f"model.recursion.{f}", r[f], "must be True or False")
+  _choice(config, "model.recursion.gate", ("sigmoid", "tanh", "none"))
+  _choice(config, "model.recursion.aux", ("bce", "causal_router"))
+  _choice(config, "model.recursion.eval_routing", ("threshold", "topk"))
+  _choice(config, "model.recursion.balance", ("loss", "bias", "none"))
+  _float_range(config, "model.recursion.gate_alpha", 0, 1e3, lo_open=True)
+  _float_range(config, "model.recursion.threshold", 0, 1, lo_open=True, hi_open=True)
+  for f in ("aux_coef", "balance_coef", "bias_update_rate", "z_loss_coef"):
+    _float_range(config, f"model.recursion.{f}", 0, 1e3)
+  _nonneg_int(config, "model.recursion.eval_loops")
+  if r.eval_loops > big_r:
+    _fail("model.recursion.eval_loops", r.eval_loops, f"must lie in [0, num_loops={big_r}]")
+  _floats(config, "model.recursion.capacities", 0.0, 1.0, big_r)
+  _floats(config, "model.recursion.kv_cache_fractions", 0.0, 1.0, big_r)
+  looped = r.strategy in ("cycle", "middle_cycle")
+  if r.router != "none" and not looped:
+    _fail("model.recursion.router", r.router,
+          "Mixture-of-Recursions routes tokens between loops of the whole shared block, so "
+          "it needs model.recursion.strategy = 'cycle' or 'middle_cycle'")
+  if r.kv_sharing and not looped:
+    _fail("model.recursion.kv_sharing", r.kv_sharing,
+          "needs model.recursion.strategy = 'cycle' or 'middle_cycle'")
+  if r.capacities and r.router == "none":
+    _fail("model.recursion.capacities", r.capacities,
+          "capacities need a recursion router (model.recursion.router = 'expert' or 'token')")
+  if r.router == "expert" and r.capacities and any(
+      a < b for a, b in zip(r.capacities, r.capacities[1:])):
+    _fail("model.recursion.capacities", r.capacities,
+          "expert-choice routing is hierarchical (only a step's survivors go on), so the "
+          "capacities must not increase")
+  if r.bias_update_rate and r.balance == "bias" and r.router != "token":
+    _fail("model.recursion.balance", r.balance, "loss-free bias balancing is for router='token'")

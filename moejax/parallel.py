@@ -22,6 +22,8 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("head_dim", None),
     ("mlp", None),
     ("layers", None),
+    ("loops", None),
+    ("lora", None),
 )
 
 

@@ -3,6 +3,12 @@
 Decoding keeps the cache in the flax collection "cache" (k, v: [B, S, K, Dh] and the
 write index). Prefill writes T entries at once; each further call writes one. Queries
 see cache entries at positions <= their own, so unwritten slots are never read.
+
+Recursive models call one Attention several times (one `slot` per loop, each with its
+own cache). With a `token_mask` (Mixture-of-Recursions) keys are only the active tokens,
+and the decoding cache is compacted: only active tokens are written, each with its
+position, into `cache_len` slots (recursion-wise KV caching). `shared_kv` makes a call
+attend to another call's keys and values (KV sharing) instead of computing its own.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.layers.common import Array, constrain, param_init, rope
+from moejax.layers.lora import lora_delta, lora_factors
 
 NEG_INF = -1e30
 
@@ -43,9 +50,15 @@ class Attention(nn.Module):
   decode: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  num_loops: int = 1  # per-loop LoRA factors are stacked over loops
+  lora_rank: int = 0
+  lora_scale: float = 1.0
+  cache_lens: tuple[int, ...] = ()  # compacted cache slots per slot index; () = max_seq_len
 
   @nn.compact
-  def __call__(self, x_BTD: Array, positions_BT: Array) -> Array:
+  def __call__(self, x_BTD: Array, positions_BT: Array, *, loop: int = 0, slot: int = 0,
+               token_mask_BT: Array | None = None, shared_kv: tuple | None = None,
+               return_kv: bool = False):
     d = x_BTD.shape[-1]
     h, k, dh = self.num_heads, self.num_kv_heads, self.head_dim
     w_q = self.param("q", param_init(self.init_std, ("embed", "heads", "head_dim")),
@@ -56,31 +69,80 @@ class Attention(nn.Module):
                      (d, k, dh), self.param_dtype)
     w_o = self.param("o", param_init(self.out_std, ("heads", "head_dim", "embed")),
                      (h, dh, d), self.param_dtype)
+    lora = {}
+    if self.lora_rank:
+      for name, ins, outs in (("q", (d,), (h, dh)), ("k", (d,), (k, dh)), ("v", (d,), (k, dh)),
+                              ("o", (h, dh), (d,))):
+        lora[name] = lora_factors(self, name, ins, outs, self.num_loops, self.lora_rank,
+                                  self.init_std, self.param_dtype)
+
+    def proj(name, x, w, spec, n_in=1):
+      y = jnp.einsum(spec, x, w.astype(self.dtype))
+      if name in lora:
+        y = y + lora_delta(x, *lora[name], loop, n_in, self.lora_scale)
+      return y
+
     x = x_BTD.astype(self.dtype)
-    q_BTHD = jnp.einsum("btd,dhe->bthe", x, w_q.astype(self.dtype))
-    k_BTKD = jnp.einsum("btd,dke->btke", x, w_k.astype(self.dtype))
-    v_BTKD = jnp.einsum("btd,dke->btke", x, w_v.astype(self.dtype))
+    q_BTHD = proj("q", x, w_q, "btd,dhe->bthe")
     q_BTHD = constrain(rope(q_BTHD, positions_BT, self.rope_theta),
                        ("batch", "length", "heads", "head_dim"))
-    k_BTKD = constrain(rope(k_BTKD, positions_BT, self.rope_theta),
-                       ("batch", "length", "kv_heads", "head_dim"))
-
-    if self.decode:
-      k_all, v_all, kpos_BS = self._update_cache(k_BTKD, v_BTKD)
-      mask_BTS = kpos_BS[:, None, :] <= positions_BT[:, :, None]
+    if shared_kv is not None:  # KV sharing: another call's keys/values (already cached)
+      k_all, v_all, kpos_BS, kvalid_BS = shared_kv
     else:
-      k_all, v_all = k_BTKD, v_BTKD
-      mask_BTS = positions_BT[:, None, :] <= positions_BT[:, :, None]
+      k_BTKD = proj("k", x, w_k, "btd,dke->btke")
+      v_BTKD = proj("v", x, w_v, "btd,dke->btke")
+      k_BTKD = constrain(rope(k_BTKD, positions_BT, self.rope_theta),
+                         ("batch", "length", "kv_heads", "head_dim"))
+      if self.decode and token_mask_BT is not None:
+        k_all, v_all, kpos_BS, kvalid_BS = self._update_compact_cache(
+            k_BTKD, v_BTKD, positions_BT, token_mask_BT, slot)
+      elif self.decode:
+        k_all, v_all, kpos_BS = self._update_cache(k_BTKD, v_BTKD, slot)
+        kvalid_BS = None
+      else:
+        k_all, v_all, kpos_BS, kvalid_BS = k_BTKD, v_BTKD, positions_BT, token_mask_BT
+    mask_BTS = kpos_BS[:, None, :] <= positions_BT[:, :, None]
+    if kvalid_BS is not None:
+      mask_BTS = mask_BTS & kvalid_BS[:, None, :]
     out_BTHD = attend(q_BTHD, k_all, v_all, mask_BTS)
-    out_BTD = jnp.einsum("bthe,hed->btd", out_BTHD, w_o.astype(self.dtype))
-    return constrain(out_BTD, ("batch", "length", "embed"))
+    out_BTD = proj("o", out_BTHD, w_o, "bthe,hed->btd", n_in=2)
+    out_BTD = constrain(out_BTD, ("batch", "length", "embed"))
+    if return_kv:
+      return out_BTD, (k_all, v_all, kpos_BS, kvalid_BS)
+    return out_BTD
 
-  def _update_cache(self, k_BTKD: Array, v_BTKD: Array):
+  @staticmethod
+  def _names(slot: int) -> tuple[str, ...]:
+    sfx = f"_{slot}" if slot else ""
+    return tuple(n + sfx for n in ("k", "v", "index", "pos"))
+
+  def _update_compact_cache(self, k_BTKD, v_BTKD, positions_BT, mask_BT, slot: int):
+    """Write only the active tokens' K/V, packed, with their positions (MoR caching)."""
+    b, t, k, dh = k_BTKD.shape
+    s = self.cache_lens[slot] if self.cache_lens else self.max_seq_len
+    nk, nv, nidx, npos = self._names(slot)
+    ck = self.variable("cache", nk, jnp.zeros, (b, s, k, dh), k_BTKD.dtype)
+    cv = self.variable("cache", nv, jnp.zeros, (b, s, k, dh), v_BTKD.dtype)
+    cpos = self.variable("cache", npos, jnp.zeros, (b, s), jnp.int32)
+    count = self.variable("cache", nidx, lambda: jnp.zeros((b,), jnp.int32))
+    m = mask_BT.astype(jnp.int32)
+    dest_BT = count.value[:, None] + jnp.cumsum(m, axis=1) - 1
+    dest_BT = jnp.where(mask_BT, dest_BT, s)  # inactive tokens (and overflow) are dropped
+    rows = jnp.arange(b)[:, None]
+    ck.value = ck.value.at[rows, dest_BT].set(k_BTKD.astype(ck.value.dtype), mode="drop")
+    cv.value = cv.value.at[rows, dest_BT].set(v_BTKD.astype(cv.value.dtype), mode="drop")
+    cpos.value = cpos.value.at[rows, dest_BT].set(positions_BT.astype(jnp.int32), mode="drop")
+    count.value = count.value + m.sum(axis=1)
+    written_BS = jnp.arange(s)[None, :] < count.value[:, None]
+    return ck.value, cv.value, cpos.value, written_BS
+
+  def _update_cache(self, k_BTKD: Array, v_BTKD: Array, slot: int = 0):
     b, t, k, dh = k_BTKD.shape
     s = self.max_seq_len
-    ck = self.variable("cache", "k", jnp.zeros, (b, s, k, dh), k_BTKD.dtype)
-    cv = self.variable("cache", "v", jnp.zeros, (b, s, k, dh), v_BTKD.dtype)
-    idx = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    nk, nv, nidx, _ = self._names(slot)
+    ck = self.variable("cache", nk, jnp.zeros, (b, s, k, dh), k_BTKD.dtype)
+    cv = self.variable("cache", nv, jnp.zeros, (b, s, k, dh), v_BTKD.dtype)
+    idx = self.variable("cache", nidx, lambda: jnp.zeros((), jnp.int32))
     i = idx.value
     ck.value = jax.lax.dynamic_update_slice(ck.value, k_BTKD.astype(ck.value.dtype), (0, i, 0, 0))
     cv.value = jax.lax.dynamic_update_slice(cv.value, v_BTKD.astype(cv.value.dtype), (0, i, 0, 0))

@@ -33,15 +33,27 @@ def constrain(x: Array, axes: Sequence[str | None]) -> Array:
 
 
 class RMSNorm(nn.Module):
-  """RMSNorm in float32; a learned scale with logical axis 'embed'."""
+  """RMSNorm in float32; a learned scale with logical axis 'embed'.
+
+  copies > 0 keeps that many scales [copies, D] and `index` picks one (per-loop norms
+  of a recursive block, WideNet-style).
+  """
   eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  copies: int = 0
 
   @nn.compact
-  def __call__(self, x_BTD: Array) -> Array:
-    scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                         (x_BTD.shape[-1],), self.param_dtype)
+  def __call__(self, x_BTD: Array, index: int = 0) -> Array:
+    d = x_BTD.shape[-1]
+    if self.copies:
+      scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                                 ("loops", "embed")),
+                           (self.copies, d), self.param_dtype)[index]
+    else:
+      scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                                 ("embed",)),
+                           (d,), self.param_dtype)
     x = x_BTD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
     return (x * scale_D.astype(jnp.float32)).astype(self.dtype)

@@ -16,10 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.layers.attention import Attention
 from moejax.layers.common import Array, RMSNorm, constrain, dtype, param_init
-from moejax.layers.mlp import MLP
-from moejax.moe.layer import MoEConfig, MoEFFN
+from moejax.models.block import REMAT_POLICIES, Block, BlockGroup  # noqa: F401 (re-exported)
+from moejax.moe.layer import MoEConfig
+from moejax.recursion.sharing import RecursionConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +42,18 @@ class LMConfig:
   init_std: float = 0.02
   logits_soft_cap: float = 0.0
   moe: MoEConfig | None = None
+  recursion: RecursionConfig | None = None
 
   @classmethod
   def from_config(cls, model_cfg: Any, *, seq_len: int, vocab_size: int) -> "LMConfig":
     """Build from `config.model`; vocab_size=0 there means the tokenizer's (padded to 8)."""
     fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in dict(model_cfg).items() if k in fields and k != "moe"}
+    kw = {k: v for k, v in dict(model_cfg).items()
+          if k in fields and k not in ("moe", "recursion")}
     if "moe" in model_cfg:
       kw["moe"] = MoEConfig.from_config(model_cfg.moe, model_cfg.d_ff)
+    if "recursion" in model_cfg:
+      kw["recursion"] = RecursionConfig.from_config(model_cfg.recursion, model_cfg.num_layers)
     kw["vocab_size"] = model_cfg.vocab_size or -(-vocab_size // 8) * 8
     kw["max_seq_len"] = model_cfg.max_seq_len or seq_len
     return cls(**kw)
@@ -61,6 +65,13 @@ class LMConfig:
   def layer_kinds(self) -> list[str]:
     return ["moe" if self.moe is not None and self.moe.is_moe_layer(i) else "dense"
             for i in range(self.num_layers)]
+
+  def unique_kind(self, name: str) -> str:
+    """FFN kind of a recursive model's unique layer: the looped core `shared_{u}` layers
+    follow model.moe (first_dense / moe_every over u); the unique ends stay dense."""
+    if self.moe is None or not name.startswith("shared_"):
+      return "dense"
+    return "moe" if self.moe.is_moe_layer(int(name.split("_")[1])) else "dense"
 
   def segments(self) -> list[tuple[str, tuple[str, ...], int]]:
     """(param name, block pattern, repeats): runs of identical groups for nn.scan.
@@ -76,52 +87,9 @@ class LMConfig:
     return segs + [("moe_layers", ("moe",) + ("dense",) * (n - 1), (self.num_layers - k) // n)]
 
 
-REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-class Block(nn.Module):
-  cfg: LMConfig
-  decode: bool = False
-  deterministic: bool = True
-  kind: str = "dense"  # dense | moe (the FFN)
-
-  @nn.compact
-  def __call__(self, x_BTD: Array, positions_BT: Array, tokens_BT: Array):
-    c = self.cfg
-    cdt, pdt = dtype(c.compute_dtype), dtype(c.param_dtype)
-    h = RMSNorm(c.norm_eps, cdt, pdt, name="attn_norm")(x_BTD)
-    x_BTD = x_BTD + Attention(
-        c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, c.init_std, c.out_std,
-        c.max_seq_len, self.decode, cdt, pdt, name="attn")(h, positions_BT)
-    h = RMSNorm(c.norm_eps, cdt, pdt, name="ffn_norm")(x_BTD)
-    if self.kind == "moe":
-      ffn = MoEFFN(c.moe, c.init_std, c.out_std, self.deterministic, cdt, pdt, name="moe")
-      x_BTD = x_BTD + ffn(h, tokens_BT)
-    else:
-      x_BTD = x_BTD + MLP(c.d_ff, c.init_std, c.out_std, cdt, pdt, name="ffn")(h)
-    return constrain(x_BTD, ("batch", "length", "embed")), None
-
-
-class BlockGroup(nn.Module):
-  """Several blocks in sequence (e.g. one MoE block then dense ones): a scan unit."""
-  cfg: LMConfig
-  kinds: tuple[str, ...]
-  decode: bool = False
-  deterministic: bool = True
-
-  @nn.compact
-  def __call__(self, x_BTD: Array, positions_BT: Array, tokens_BT: Array):
-    for i, kind in enumerate(self.kinds):
-      x_BTD, _ = Block(self.cfg, self.decode, self.deterministic, kind, name=f"block_{i}")(
-          x_BTD, positions_BT, tokens_BT)
-    return x_BTD, None
-
-
 SIDE_COLLECTIONS = ("cache", "moe_bias", "moe_losses", "moe_stats", "moe_routes")
+# Non-trainable state a run keeps (and checkpoints) besides the parameters.
+STATE_COLLECTIONS = ("moe_bias", "mor_bias")
 
 
 class LM(nn.Module):
@@ -145,7 +113,11 @@ class LM(nn.Module):
     x_BTD = constrain(embed(tokens_BT), ("batch", "length", "embed"))
 
     layer = 0
-    for name, kinds, repeats in c.segments():
+    if c.recursion is not None:
+      from moejax.recursion.mor import RecursiveStack  # pylint: disable=g-import-not-at-top
+      x_BTD = RecursiveStack(c, self.decode, self.deterministic, name="recursion")(
+          x_BTD, positions_BT, tokens_BT)
+    for name, kinds, repeats in ([] if c.recursion is not None else c.segments()):
       if len(kinds) == 1:
         unit, args = Block, (c, self.decode, self.deterministic, kinds[0])
       else:

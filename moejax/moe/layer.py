@@ -96,7 +96,9 @@ class MoEFFN(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BTD: Array, token_ids_BT: Array | None = None) -> Array:
+  def __call__(self, x_BTD: Array, token_ids_BT: Array | None = None, loop: int = 0) -> Array:
+    """`loop` > 0: another call of a shared (recursive) block; its losses and loads add to
+    the earlier calls', the other statistics are averaged over the calls."""
     c = self.cfg
     b, t, d = x_BTD.shape
     n, e, f = b * t, c.num_experts, c.expert_d_ff
@@ -135,15 +137,21 @@ class MoEFFN(nn.Module):
 
     coefs = {"load_balance": c.load_balance_coef, "z_loss": c.z_loss_coef,
              "seq_balance": c.seq_balance_coef}
+    def put(col, name, value, mean=False):
+      var = self.variable(col, name, lambda: jnp.zeros_like(value))
+      if loop == 0:
+        var.value = value
+      else:
+        var.value = (var.value * loop + value) / (loop + 1) if mean else var.value + value
+
     if self.is_mutable_collection("moe_losses"):
       for name, value in r.losses.items():
         if coefs.get(name, 0.0) > 0:
-          self.variable("moe_losses", name, lambda: jnp.zeros((), jnp.float32)).value = (
-              coefs[name] * value)
+          put("moe_losses", name, coefs[name] * jnp.asarray(value, jnp.float32))
     if self.is_mutable_collection("moe_stats"):
       stats = routing_lib.routing_stats(r, dropped_A)
       for name, value in stats.items():
-        self.variable("moe_stats", name, lambda v=value: jnp.zeros_like(v)).value = value
+        put("moe_stats", name, value, mean=name != "load")
       if bias is not None:
         self.variable("moe_stats", "bias", lambda: jnp.zeros_like(bias)).value = bias
     if self.is_mutable_collection("moe_routes"):  # analysis only (token_assignments)

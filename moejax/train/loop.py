@@ -29,7 +29,7 @@ import numpy as np
 from moejax import config as config_lib
 from moejax import flops as flops_lib
 from moejax import parallel
-from moejax.models.lm import LM, LMConfig
+from moejax.models.lm import LM, STATE_COLLECTIONS, LMConfig
 from moejax.train import checkpoint as ckpt_lib
 from moejax.train.metrics import MetricsWriter
 from moejax.train.optimizer import make_optimizer
@@ -58,7 +58,7 @@ def init_state(model: LM, tx, seed: int, seq_len: int) -> TrainState:
   key = jax.random.PRNGKey(seed)
   variables = nn.unbox(model.init(jax.random.fold_in(key, 0),
                                   jnp.zeros((1, min(seq_len, 8)), jnp.int32)))
-  model_state = {k: v for k, v in variables.items() if k == "moe_bias"}
+  model_state = {k: v for k, v in variables.items() if k in STATE_COLLECTIONS}
   return TrainState.create(variables["params"], tx, jax.random.fold_in(key, 1), model_state)
 
 
@@ -175,7 +175,10 @@ def train(config, workdir: str) -> dict:
   train_model = LM(mc, deterministic=False)
   train_step = jax.jit(make_train_step(
       train_model, bias_update_rate=mc.moe.bias_update_rate if mc.moe else 0.0,
-      debug_nan_step=tc.debug_nan_step), donate_argnums=(0,))
+      debug_nan_step=tc.debug_nan_step,
+      mor_bias_rate=(mc.recursion.bias_update_rate
+                     if mc.recursion and mc.recursion.balance == "bias" else 0.0)),
+      donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(model))
   val_batches = [_to_global(b, batch_sharding) for b in data.val_batches(tc.eval_batches)] \
       if tc.eval_batches else []
@@ -234,6 +237,8 @@ def train(config, workdir: str) -> dict:
                "lr": float(schedule(step - 1)), "tokens_seen": step * tokens_per_step}
         if "moe_stats" in metrics:
           row.update(moe_metrics(metrics))
+        if "mor_stats" in metrics:
+          row.update(mor_metrics(metrics))
         if n_window:  # throughput over the window (compilation excluded)
           dt = time.time() - t_window
           train_time += dt
@@ -302,6 +307,18 @@ def moe_metrics(metrics: dict) -> dict:
       out[f"moe/{name}_per_layer"] = v.tolist()
     else:  # load histograms / bias values: [layers, E]
       out[f"moe/{name}_per_layer"] = v.tolist()
+  return out
+
+
+def mor_metrics(metrics: dict) -> dict:
+  """Mixture-of-Recursions telemetry: per-token depth histogram, active fraction per step,
+  mean depth, depth load and bias (token router), and the router losses."""
+  out = {"ce_loss": float(metrics["ce_loss"]), "aux_loss": float(metrics["aux_loss"])}
+  for name, v in metrics["mor_losses"].items():
+    out[f"mor/{name}_loss"] = float(v)
+  for name, v in metrics["mor_stats"].items():
+    v = np.asarray(v)
+    out[f"mor/{name}"] = float(v) if v.ndim == 0 else v.tolist()
   return out
 
 

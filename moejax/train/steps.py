@@ -77,7 +77,21 @@ def _is_scanned(node: dict) -> bool:
   return all(v.ndim == 1 for v in node.values())
 
 
-def make_train_step(model, *, bias_update_rate: float = 0.0, debug_nan_step: int = -1) -> Callable:
+def mor_tree(tree: Any) -> dict[str, jax.Array]:
+  """{name: value} of the (single) Mixture-of-Recursions node of a mor_* collection."""
+  while hasattr(tree, "items") and len(tree) == 1 and hasattr(next(iter(tree.values())), "items"):
+    tree = next(iter(tree.values()))
+  return dict(tree) if hasattr(tree, "items") else {}
+
+
+def update_mor_bias(mor_bias: Any, mor_stats: dict, rate: float) -> Any:
+  """Loss-free depth balancing: bias_r += rate * sign(mean load - load_r)."""
+  load = mor_stats["depth_load"]
+  return jax.tree.map(lambda b: b + rate * jnp.sign(jnp.mean(load) - load), mor_bias)
+
+
+def make_train_step(model, *, bias_update_rate: float = 0.0, debug_nan_step: int = -1,
+                    mor_bias_rate: float = 0.0) -> Callable:
   """(state, batch) -> (state, metrics) for `model` = LM(cfg, deterministic=False).
 
   loss = cross-entropy + the MoE auxiliary losses (already weighted by their coefs).
@@ -91,16 +105,20 @@ def make_train_step(model, *, bias_update_rate: float = 0.0, debug_nan_step: int
   def loss_fn(params, model_state, batch, rng):
     variables = {"params": params, **model_state}
     logits, side = model.apply(variables, batch["inputs"], rngs={"jitter": rng},
-                               mutable=["moe_losses", "moe_stats"])
+                               mutable=["moe_losses", "moe_stats", "mor_losses", "mor_stats"])
     total, count = cross_entropy(logits, batch["targets"])
     ce = total / count
     losses = stack_moe_layers(side.get("moe_losses", {}))
-    aux = sum((jnp.sum(v) for v in losses.values()), jnp.zeros((), jnp.float32))
-    return ce + aux, (ce, losses, side.get("moe_stats", {}))
+    mor_losses = mor_tree(side.get("mor_losses", {}))
+    aux = sum((jnp.sum(v) for v in list(losses.values()) + list(mor_losses.values())),
+              jnp.zeros((), jnp.float32))
+    return ce + aux, (ce, losses, side.get("moe_stats", {}), mor_losses,
+                      mor_tree(side.get("mor_stats", {})))
 
   def train_step(state, batch: dict):
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, (ce, losses, stats_tree)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (ce, losses, stats_tree, mor_losses, mor_stats)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(
         state.params, state.model_state, batch, rng)
     if debug_nan_step >= 1:
       poison = jnp.where(state.step + 1 == debug_nan_step, jnp.nan, 1.0)
@@ -112,6 +130,9 @@ def make_train_step(model, *, bias_update_rate: float = 0.0, debug_nan_step: int
     if bias_update_rate > 0 and "moe_bias" in new_model_state:
       new_model_state["moe_bias"] = update_bias(state.model_state["moe_bias"], stats_tree,
                                                 bias_update_rate)
+    if mor_bias_rate > 0 and "mor_bias" in new_model_state:
+      new_model_state["mor_bias"] = update_mor_bias(state.model_state["mor_bias"], mor_stats,
+                                                    mor_bias_rate)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
@@ -122,6 +143,10 @@ def make_train_step(model, *, bias_update_rate: float = 0.0, debug_nan_step: int
       metrics["aux_loss"] = loss - ce
       metrics["moe_losses"] = losses
       metrics["moe_stats"] = stack_moe_layers(stats_tree)
+    if mor_stats:
+      metrics["aux_loss"] = loss - ce
+      metrics["mor_losses"] = mor_losses
+      metrics["mor_stats"] = mor_stats
     return new_state, metrics
 
   return train_step

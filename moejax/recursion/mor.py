@@ -1,0 +1,229 @@
+"""The recursive stack: tied layers looped, and Mixture-of-Recursions routing.
+
+One module runs every sharing strategy. The looped core (`shared_{u}` blocks) is one set
+of parameters called once per loop r (Python-unrolled: loops are few, and MoR steps
+have different static shapes). With a recursion router (MoR) each step r:
+
+  expert  A router w_r scores the tokens still active. Training (and eval_routing='topk')
+          keeps the top ceil(capacity_r * T) of them per sequence; only those are
+          gathered and run through the core (static shapes), so skipped tokens cost
+          nothing. Their update is gated by g(score) (sigmoid/tanh times alpha) and
+          scattered back; the rest keep their hidden state. Top-k over a sequence looks
+          at future tokens, so an auxiliary BCE teaches the router's own score
+          (aux='bce') or a small causal router on the detached state
+          (aux='causal_router') to predict top-k membership; at inference a token goes
+          on while that probability exceeds `threshold` (causal, per-token early exit).
+  token   One router gives each token its depth up front (argmax of softmax over R,
+          plus a loss-free bias if balance='bias'); a token runs steps r < depth, its
+          updates gated by its chosen probability. Balancing loss and z-loss.
+
+Attention at a step runs among the tokens active at that step (recursion-wise); with
+kv_sharing every later step attends to the first step's keys/values instead. Steps at
+capacity 1.0 keep every active token (the router still gates). At inference (and while
+decoding) the active sets are masks over all tokens: the masked path is also the
+reference that the gathered training path is tested against.
+
+Side outputs: "mor_losses" (weighted losses, added to the training loss), "mor_stats"
+(per-token depth histogram, active fraction per step, depth load), "mor_bias" (the
+token router's loss-free bias, updated by the train step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from moejax.layers.common import Array, param_init
+from moejax.models.block import REMAT_POLICIES, Block
+
+
+def gate_fn(kind: str, score: Array, alpha: float) -> Array | None:
+  if kind == "sigmoid":
+    return alpha * jax.nn.sigmoid(score)
+  if kind == "tanh":
+    return alpha * jnp.tanh(score)
+  return None
+
+
+def topk_positions(score_BT: Array, candidates_BT: Array, k: int) -> Array:
+  """Indices [B, k] (ascending, so causal order is kept) of the k best candidates."""
+  _, idx = jax.lax.top_k(jnp.where(candidates_BT, score_BT, -jnp.inf), k)
+  return jnp.sort(idx, axis=-1)
+
+
+def masked_bce(logits: Array, labels: Array, where: Array) -> Array:
+  losses = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32))
+  w = where.astype(jnp.float32)
+  return jnp.sum(losses * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+class RecursiveStack(nn.Module):
+  """x [B, T, D] -> x after the effective L layers of `cfg.recursion`."""
+  cfg: Any  # LMConfig with .recursion set
+  decode: bool = False
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, positions_BT: Array, tokens_BT: Array) -> Array:
+    c, rc = self.cfg, self.cfg.recursion
+    unit = Block
+    if c.remat != "none" and not self.decode:  # loop index (arg 4, counting self) is static
+      unit = nn.remat(Block, policy=REMAT_POLICIES[c.remat], static_argnums=(4,))
+    names = [f"shared_{u}" for u in range(rc.num_core)]
+    if rc.middle:
+      names = ["first_layer"] + names + ["last_layer"]
+    blocks = {n: unit(c, self.decode, self.deterministic, c.unique_kind(n),
+                      shared=n.startswith("shared_"), name=n) for n in names}
+    core = [blocks[n] for n in names if n.startswith("shared_")]
+
+    if rc.middle:
+      x_BTD, _ = blocks["first_layer"](x_BTD, positions_BT, tokens_BT)
+    loops = rc.loops_at(self.deterministic)
+    if rc.strategy in ("sequence", "middle_sequence"):
+      for blk in core:
+        for r in range(loops):
+          x_BTD, _ = blk(x_BTD, positions_BT, tokens_BT, r)
+    else:
+      x_BTD = self._loop(core, loops, x_BTD, positions_BT, tokens_BT)
+    if rc.middle:
+      x_BTD, _ = blocks["last_layer"](x_BTD, positions_BT, tokens_BT)
+    return x_BTD
+
+  def _routers(self, d: int) -> dict:
+    """The router parameters (declared here so every mode has the same tree)."""
+    rc, std = self.cfg.recursion, self.cfg.init_std
+    p = {}
+    if rc.router == "expert":
+      p["w"] = self.param("router", param_init(std, ("loops", "embed")), (rc.num_loops, d),
+                          jnp.float32)
+      p["b"] = self.param("router_bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, ("loops",)), (rc.num_loops,), jnp.float32)
+      if rc.aux == "causal_router":
+        p["cw"] = self.param("causal_router", param_init(std, ("loops", "embed")),
+                             (rc.num_loops, d), jnp.float32)
+        p["cb"] = self.param("causal_router_bias", nn.with_logical_partitioning(
+            nn.initializers.zeros, ("loops",)), (rc.num_loops,), jnp.float32)
+    elif rc.router == "token":
+      p["w"] = self.param("router", param_init(std, ("embed", "loops")), (d, rc.num_loops),
+                          jnp.float32)
+      if rc.balance == "bias":
+        p["bias"] = self.variable("mor_bias", "bias", jnp.zeros, (rc.num_loops,),
+                                  jnp.float32).value
+    return p
+
+  def _loop(self, core, loops: int, x_BTD: Array, positions_BT: Array, tokens_BT: Array):
+    rc = self.cfg.recursion
+    b, t, d = x_BTD.shape
+    f32 = jnp.float32
+    p = self._routers(d)
+    rows = jnp.arange(b)[:, None]
+    topk_mode = not self.decode and (not self.deterministic or rc.eval_routing == "topk")
+    losses: dict[str, Array] = {}
+    stats: dict[str, Array] = {}
+    bce_terms, causal_terms = [], []
+
+    depth_BT = gate_tok_BT = None
+    if rc.router == "token":
+      logits_BTR = x_BTD.astype(f32) @ p["w"]
+      probs_BTR = jax.nn.softmax(logits_BTR, axis=-1)
+      sel_logits = logits_BTR + jax.lax.stop_gradient(p["bias"]) if "bias" in p else logits_BTR
+      choice_BT = jnp.argmax(sel_logits, axis=-1)
+      depth_BT = choice_BT + 1
+      gate_tok_BT = jnp.take_along_axis(probs_BTR, choice_BT[..., None], -1)[..., 0]
+      onehot = jax.nn.one_hot(choice_BT, rc.num_loops, dtype=f32)
+      load_R = onehot.mean(axis=(0, 1))
+      stats["depth_load"] = load_R
+      if rc.balance == "loss" and rc.balance_coef > 0:
+        losses["balance"] = rc.balance_coef * rc.num_loops * jnp.sum(
+            load_R * probs_BTR.mean(axis=(0, 1)))
+      if rc.z_loss_coef > 0:
+        losses["z_loss"] = rc.z_loss_coef * jnp.mean(
+            jax.nn.logsumexp(logits_BTR, axis=-1) ** 2)
+      if "bias" in p:
+        stats["bias"] = p["bias"]
+
+    active_BT = jnp.ones((b, t), bool)
+    steps_BT = jnp.zeros((b, t), jnp.int32)
+    shared: dict[int, tuple] = {}
+    active_frac = []
+    for r in range(loops):
+      cap = rc.capacities[r]
+      sel_BT, gate_BT, idx_BC = active_BT, None, None
+      if rc.router == "expert":
+        score_BT = x_BTD.astype(f32) @ p["w"][r] + p["b"][r]
+        gate_BT = gate_fn(rc.gate, score_BT, rc.gate_alpha)
+        causal_BT = None
+        if "cw" in p:
+          causal_BT = jax.lax.stop_gradient(x_BTD).astype(f32) @ p["cw"][r] + p["cb"][r]
+        if cap < 1.0 and topk_mode:
+          idx_BC = topk_positions(score_BT, active_BT, rc.capacity_tokens(r, t))
+          sel_BT = jnp.zeros((b, t), bool).at[rows, idx_BC].set(True) & active_BT
+          labels = jax.lax.stop_gradient(sel_BT)
+          bce_terms.append(masked_bce(score_BT, labels, active_BT))
+          if causal_BT is not None:
+            causal_terms.append(masked_bce(causal_BT, labels, active_BT))
+        elif cap < 1.0:  # inference: causal per-token decision
+          decide_BT = causal_BT if causal_BT is not None else score_BT
+          sel_BT = active_BT & (jax.nn.sigmoid(decide_BT) > rc.threshold)
+      elif rc.router == "token":
+        sel_BT = active_BT & (depth_BT > r)
+        gate_BT = gate_tok_BT * rc.gate_alpha if rc.gate != "none" else None
+        if cap < 1.0 and topk_mode:  # capacity: overflow tokens stop here
+          idx_BC = topk_positions(gate_tok_BT, sel_BT, rc.capacity_tokens(r, t))
+          sel_BT = jnp.zeros((b, t), bool).at[rows, idx_BC].set(True) & sel_BT
+
+      mask_BT = sel_BT if rc.router != "none" else None
+      if idx_BC is not None:  # gather the kept tokens, run them, scatter the updates back
+        take = lambda a: jnp.take_along_axis(a, idx_BC, axis=1)
+        xg_BCD = jnp.take_along_axis(x_BTD, idx_BC[..., None], axis=1)
+        valid_BC = take(sel_BT)
+        h = xg_BCD
+        for u, blk in enumerate(core):
+          kv_in = shared.get(u) if rc.kv_sharing and r > 0 else None
+          h, kv = blk(h, take(positions_BT), take(tokens_BT), r, valid_BC, kv_in)
+          if r == 0:
+            shared[u] = kv
+        delta = h - xg_BCD
+        if gate_BT is not None:
+          delta = delta * take(gate_BT)[..., None].astype(delta.dtype)
+        delta = jnp.where(valid_BC[..., None], delta, 0)
+        x_BTD = x_BTD.at[rows, idx_BC].add(delta.astype(x_BTD.dtype))
+      else:
+        h = x_BTD
+        for u, blk in enumerate(core):
+          kv_in = shared.get(u) if rc.kv_sharing and r > 0 else None
+          h, kv = blk(h, positions_BT, tokens_BT, r, mask_BT, kv_in)
+          if r == 0:
+            shared[u] = kv
+        if rc.router == "none":
+          x_BTD = h
+        else:
+          delta = h - x_BTD
+          if gate_BT is not None:
+            delta = delta * gate_BT[..., None].astype(delta.dtype)
+          x_BTD = x_BTD + jnp.where(sel_BT[..., None], delta, 0).astype(x_BTD.dtype)
+      active_BT = sel_BT
+      steps_BT = steps_BT + sel_BT.astype(jnp.int32)
+      active_frac.append(jnp.mean(sel_BT.astype(f32)))
+
+    if bce_terms and rc.aux == "bce" and rc.aux_coef > 0:
+      losses["router_bce"] = rc.aux_coef * sum(bce_terms) / len(bce_terms)
+    if causal_terms and rc.aux_coef > 0:
+      losses["causal_router_bce"] = rc.aux_coef * sum(causal_terms) / len(causal_terms)
+    stats["depth_hist"] = jax.nn.one_hot(steps_BT, rc.num_loops + 1, dtype=f32).mean((0, 1))
+    stats["active_fraction"] = jnp.stack(
+        active_frac + [jnp.zeros((), f32)] * (rc.num_loops - loops))
+    stats["mean_depth"] = jnp.mean(steps_BT.astype(f32))
+    if self.is_mutable_collection("mor_losses"):
+      for name, v in losses.items():
+        self.sow("mor_losses", name, v, init_fn=lambda: jnp.zeros((), f32),
+                 reduce_fn=lambda a, b: b)
+    if self.is_mutable_collection("mor_stats"):
+      for name, v in stats.items():
+        self.sow("mor_stats", name, v, init_fn=lambda v=v: jnp.zeros_like(v),
+                 reduce_fn=lambda a, b: b)
+    return x_BTD
