@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   r.balance_coef = 0.01
   r.bias_update_rate = 1e-3
   r.z_loss_coef = 1e-3  # token router z-loss
+  r.dispatch = "gather"  # gather (kept tokens only: saves compute) | mask (reference)
   r.kv_sharing = False  # every step attends to the first recursion's K/V
   r.eval_loops = 0  # inference depth: run only this many loops (0 = num_loops)
   r.kv_cache_fractions = ()  # decoding: slots per step as a fraction of max_seq_len; () = 1.0
@@ -457,6 +458,7 @@ def _validate_recursion(config) -> None:
   _choice(config, "model.recursion.aux", ("bce", "causal_router"))
   _choice(config, "model.recursion.eval_routing", ("threshold", "topk"))
   _choice(config, "model.recursion.balance", ("loss", "bias", "none"))
+  _choice(config, "model.recursion.dispatch", ("gather", "mask"))
   _float_range(config, "model.recursion.gate_alpha", 0, 1e3, lo_open=True)
   _float_range(config, "model.recursion.threshold", 0, 1, lo_open=True, hi_open=True)
   for f in ("aux_coef", "balance_coef", "bias_update_rate", "z_loss_coef"):

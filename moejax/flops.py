@@ -45,9 +45,83 @@ def layer_params(c: LMConfig, kind: str = "dense") -> tuple[int, int]:
   return base + m.num_experts * expert, base + m.k * expert
 
 
+def _block_flops(c: LMConfig, kind: str, keys: float, kv: bool = True) -> float:
+  """Forward FLOPs of one block for one token attending over `keys` keys."""
+  d, h, k, dh = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
+  proj = 2 * d * dh * (2 * h + (2 * k if kv else 0))
+  scores = 2 * 2 * keys * h * dh  # QK^T and PV over the score row, as computed
+  if kind == "dense":
+    ffn = 2 * 3 * d * c.d_ff
+  else:
+    m = c.moe
+    router = 0 if m.router == "hash" else 2 * d * m.num_experts
+    ffn = router + 2 * 3 * d * m.expert_d_ff * (m.k + m.num_shared)
+  return proj + scores + ffn
+
+
+def _lora_params(c: LMConfig, kind: str) -> int:
+  """Per-loop LoRA parameters of one shared block (attention; dense FFN)."""
+  r = c.recursion.lora_rank
+  d, h, k, dh = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
+  n = r * ((d + h * dh) * 2 + (d + k * dh) * 2)
+  if kind == "dense":
+    n += r * 3 * (d + c.d_ff)
+  return n
+
+
+def _account_recursive(c: LMConfig, seq_len: int) -> Accounting:
+  """Unique parameters (+ per-loop LoRA and norms, routers); FLOPs of the effective depth
+  with each MoR step r carrying ceil(capacity_r * T) tokens that attend among themselves
+  (or to the first step's keys with KV sharing). Expected cost for training/top-k routing."""
+  rc = c.recursion
+  emb = c.vocab_size * c.d_model
+  unembed = 0 if c.tie_embeddings else c.d_model * c.vocab_size
+  total = active = emb + unembed + c.d_model
+  fwd = 2.0 * c.d_model * c.vocab_size
+  names = [f"shared_{u}" for u in range(rc.num_core)]
+  ends = ["first_layer", "last_layer"] if rc.middle else []
+  for name in names + ends:
+    kind = c.unique_kind(name)
+    t, a = layer_params(c, kind)
+    extra = 0
+    if name.startswith("shared_"):
+      extra = rc.num_loops * _lora_params(c, kind) if rc.lora_rank else 0
+      if rc.unshared_norms:
+        extra += (rc.num_loops - 1) * 2 * c.d_model
+    total, active = total + t + extra, active + a + extra
+  if rc.router == "expert":
+    n = rc.num_loops * (c.d_model + 1) * (2 if rc.aux == "causal_router" else 1)
+    total, active = total + n, active + n
+  elif rc.router == "token":
+    total, active = total + c.d_model * rc.num_loops, active + c.d_model * rc.num_loops
+  for name in ends:
+    fwd += _block_flops(c, c.unique_kind(name), seq_len)
+  cycled = rc.strategy in ("cycle", "middle_cycle")
+  first_keys = rc.capacity_tokens(0, seq_len) if rc.router != "none" else seq_len
+  for r in range(rc.num_loops):
+    n_r = rc.capacity_tokens(r, seq_len) if rc.router != "none" else seq_len
+    shared_kv = cycled and rc.kv_sharing and r > 0
+    keys = first_keys if shared_kv else n_r
+    frac = n_r / seq_len
+    for name in names:
+      kind = c.unique_kind(name)
+      fwd += frac * _block_flops(c, kind, keys, kv=not shared_kv)
+      if rc.lora_rank:
+        fwd += frac * 2 * _lora_params(c, kind)
+    if rc.router == "expert":
+      fwd += 2 * c.d_model * (2 if rc.aux == "causal_router" else 1)
+  if rc.router == "token":
+    fwd += 2 * c.d_model * rc.num_loops
+  return Accounting(total_params=total, active_params=active, embedding_params=emb + unembed,
+                    forward_flops_per_token=float(fwd), train_flops_per_token=float(3 * fwd))
+
+
 def account(c: LMConfig, seq_len: int) -> Accounting:
   """Parameters and FLOPs per token. For MoE layers, active = the k routed experts (what
-  dropless dispatch computes) + shared experts + router; total counts every expert."""
+  dropless dispatch computes) + shared experts + router; total counts every expert.
+  Recursive models: see `_account_recursive`."""
+  if c.recursion is not None:
+    return _account_recursive(c, seq_len)
   emb = c.vocab_size * c.d_model
   unembed = 0 if c.tie_embeddings else c.d_model * c.vocab_size
   d, h, k, dh = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim

@@ -21,7 +21,8 @@ Attention at a step runs among the tokens active at that step (recursion-wise); 
 kv_sharing every later step attends to the first step's keys/values instead. Steps at
 capacity 1.0 keep every active token (the router still gates). At inference (and while
 decoding) the active sets are masks over all tokens: the masked path is also the
-reference that the gathered training path is tested against.
+reference that the gathered training path is tested against (dispatch='mask' forces it
+everywhere: same results, no savings).
 
 Side outputs: "mor_losses" (weighted losses, added to the training loss), "mor_stats"
 (per-token depth histogram, active fraction per step, depth load), "mor_bias" (the
@@ -177,7 +178,8 @@ class RecursiveStack(nn.Module):
           sel_BT = jnp.zeros((b, t), bool).at[rows, idx_BC].set(True) & sel_BT
 
       mask_BT = sel_BT if rc.router != "none" else None
-      if idx_BC is not None:  # gather the kept tokens, run them, scatter the updates back
+      if idx_BC is not None and rc.dispatch == "gather":
+        # gather the kept tokens, run them, scatter their (gated) updates back
         take = lambda a: jnp.take_along_axis(a, idx_BC, axis=1)
         xg_BCD = jnp.take_along_axis(x_BTD, idx_BC[..., None], axis=1)
         valid_BC = take(sel_BT)

@@ -38,6 +38,7 @@ class RecursionConfig:
   balance_coef: float = 0.01
   bias_update_rate: float = 1e-3
   z_loss_coef: float = 1e-3
+  dispatch: str = "gather"
   kv_sharing: bool = False
   eval_loops: int = 0
   kv_cache_fractions: tuple[float, ...] = ()
