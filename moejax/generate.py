@@ -48,6 +48,11 @@ def generate(cfg: LMConfig, params, prompt_BP: jax.Array, max_new_tokens: int, *
   `model_state`: the non-param collections of the run (e.g. {"moe_bias": ...}).
   """
   model_state = dict(model_state or {})
+  rc = cfg.recursion
+  if rc is not None and rc.router == "expert" and rc.eval_routing == "topk":
+    raise ValueError("model.recursion.eval_routing = 'topk' picks tokens by looking at the "
+                     "whole sequence, which decoding cannot; use 'threshold' (the causal "
+                     "per-token decision the router is trained for) to generate")
   b, p = prompt_BP.shape
   cfg = dataclasses.replace(cfg, max_seq_len=p + max_new_tokens)
   model = LM(cfg, decode=True)

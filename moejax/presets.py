@@ -31,3 +31,30 @@ def apply_size(config, arg: str) -> str:
   else:
     raise ValueError(f"config arg {arg!r} is not allowed: use '', 'tiny', 'runlocal' or 'large'")
   return arg
+
+
+RECURSION_VARIANTS = ("vanilla", "cycle", "middle_cycle", "mor_expert", "mor_token", "relaxed")
+
+
+def apply_recursion(config, variant: str, size: str) -> None:
+  """The recursion study's variants at one effective depth (6 layers tiny, 24 large).
+
+  vanilla: untied. cycle: 2 (tiny) / 8 (large) unique layers looped 3 times.
+  middle_cycle: unique first and last layers around a core looped twice.
+  mor_expert / mor_token: the cycle model with Mixture-of-Recursions routing at
+  capacities (1, 2/3, 1/3). relaxed: the cycle model with per-loop LoRA.
+  """
+  m, r = config.model, config.model.recursion
+  m.num_layers = 24 if size == "large" else 6
+  if variant == "vanilla":
+    return
+  if variant not in RECURSION_VARIANTS:
+    raise ValueError(f"recursion variant {variant!r} is not allowed: use {RECURSION_VARIANTS}")
+  r.strategy, r.num_loops = "cycle", 3
+  if variant == "middle_cycle":
+    r.strategy, r.num_loops = "middle_cycle", 2
+  elif variant in ("mor_expert", "mor_token"):
+    r.router = variant.split("_")[1]
+    r.capacities = (1.0, 0.67, 0.33)
+  elif variant == "relaxed":
+    r.lora_rank = 64 if size == "large" else max(4, m.d_model // 8)

@@ -10,6 +10,7 @@ Tiny configs (d_model 32, T 16) with a large init_std so logits are O(1).
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import flax.linen as nn
 import jax
@@ -244,6 +245,22 @@ def test_gathered_training_path_equals_masked_reference(name):
   assert float(jnp.abs(g1["recursion"]["router"]).sum()) > 0
 
 
+def test_remat_gives_the_same_loss_and_gradients():
+  cfg = mor_cfg("expert_causal", strategy="cycle")
+  remat = dataclasses.replace(cfg, remat="dots")
+  params = draw_params(LM(cfg), router_std=1.0)
+  x = tokens()
+
+  def loss(p, c):
+    logits = LM(c, deterministic=False).apply({"params": p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, x).mean()
+
+  l1, g1 = jax.value_and_grad(loss)(params, cfg)
+  l2, g2 = jax.value_and_grad(loss)(params, remat)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g1, g2)
+
+
 def test_expert_choice_training_routing_sees_the_future_but_inference_does_not():
   """The causality check can fail: top-k over a sequence leaks, threshold routing does not."""
   cfg = mor_cfg("expert_bce")
@@ -426,3 +443,70 @@ def test_bad_recursion_configs_name_the_field(fields, bad):
     c.model.recursion[k] = v
   with pytest.raises(ConfigError, match=bad.replace(".", r"\.")):
     validate(c)
+
+
+# ------------------------------------------------------------------ training runs
+
+RUN_OVERRIDES = ["--config.train.num_steps=10", "--config.train.checkpoint_every=5",
+                 "--config.train.eval_every=10", "--config.train.log_every=5",
+                 "--config.train.progress_bar=false", "--config.train.tensorboard=false",
+                 "--config.train.async_checkpoint=false", "--config.train.peak_flops=1e11"]
+
+
+def test_mor_token_run_logs_depths_and_resumes_exactly(tmp_path):
+  """A token-choice MoR run with loss-free depth balancing: the depth histogram is in the
+  metrics, the bias is checkpointed, and a crash after step 5 resumes bit-identically."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from moejax.config import load_config  # pylint: disable=g-import-not-at-top
+  from moejax.generate import load_run  # pylint: disable=g-import-not-at-top
+  from moejax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from moejax.train.loop import abstract_train_state, train  # pylint: disable=g-import-not-at-top
+  from moejax.train.metrics import read_metrics  # pylint: disable=g-import-not-at-top
+  cfg = load_config("configs/recursion/mor_token.py:runlocal",
+                    RUN_OVERRIDES + ["--config.model.recursion.balance=bias",
+                                     "--config.model.recursion.bias_update_rate=0.01"])
+
+  def final():
+    ck = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    payload, _, meta = ck.restore_latest(abstract_train_state(cfg, 257))
+    ck.close()
+    return payload, int(meta["step"])
+
+  summary = train(cfg, str(tmp_path))
+  rows = [r for r in read_metrics(str(tmp_path)) if r["split"] == "train"]
+  hist = rows[-1]["mor/depth_hist"]
+  assert len(hist) == 4 and sum(hist) == pytest.approx(1.0, abs=1e-5)
+  assert len(rows[-1]["mor/depth_load"]) == 3 and "mor/balance_loss" not in rows[-1]
+  assert summary["final_val_bpb"] > 0
+  ref, step = final()
+  bias = np.asarray(ref["model_state"]["mor_bias"]["recursion"]["bias"])
+  assert step == 10 and np.abs(bias).max() > 0
+  shutil.rmtree(tmp_path / "checkpoints" / "10")
+  train(cfg, str(tmp_path))
+  again, step = final()
+  assert step == 10
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # the trained run decodes with its bias
+  _, _, mc, params, _, state = load_run(str(tmp_path))
+  out = generate(mc, params, jnp.zeros((1, 3), jnp.int32), 4, model_state=state)
+  assert out.shape == (1, 7)
+
+
+def test_mor_expert_run_reports_router_losses(tmp_path):
+  from moejax.config import load_config  # pylint: disable=g-import-not-at-top
+  from moejax.train.loop import train  # pylint: disable=g-import-not-at-top
+  from moejax.train.metrics import read_metrics  # pylint: disable=g-import-not-at-top
+  cfg = load_config("configs/recursion/mor_expert.py:runlocal", RUN_OVERRIDES)
+  train(cfg, str(tmp_path))
+  row = [r for r in read_metrics(str(tmp_path)) if r["split"] == "train"][-1]
+  assert row["mor/router_bce_loss"] > 0
+  assert row["aux_loss"] == pytest.approx(row["mor/router_bce_loss"], rel=1e-4)
+  np.testing.assert_allclose(row["mor/active_fraction"], [1.0, 0.67, 0.33], atol=1 / 32)
+  run = json.load(open(tmp_path / "run.json"))
+  assert run["model"]["recursion"]["router"] == "expert"
+  full = load_config("configs/recursion/cycle.py:runlocal")
+  full_mc = LMConfig.from_config(full.model, seq_len=full.data.seq_len, vocab_size=257)
+  want = flops.account(full_mc, full.data.seq_len).forward_flops_per_token
+  # capacities (1, .67, .33) of the 3 loops: the accounted compute is about 2/3 of it
+  assert run["accounting"]["forward_flops_per_token"] < 0.8 * want

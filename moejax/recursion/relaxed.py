@@ -10,7 +10,7 @@ Layer choice for the shared slot `shared_{u}` (offset = 1 for middle_* strategie
 first and last layers stay unique and are copied as they are; R = num_loops):
   stepwise  untied layer offset + u * R: every R-th layer of the looped region (for
             sequence strategies that is the first layer of u's tied group; for cycle
-            strategies it is generally not one of u's tied layers, as in the paper).
+            strategies it is generally not one of u's tied layers).
   average   the mean of the layers tied to u (`RecursionConfig.tied_layers()`).
   lower     untied layer offset + u: the lowest U layers of the region.
 
@@ -23,6 +23,7 @@ norm_eps and logits_soft_cap, which are not checked here).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -112,7 +113,8 @@ def untied_layers(params: Any, cfg: LMConfig) -> list[Layer]:
   return layers
 
 
-def svd_lora(delta_MN: np.ndarray, rank: int, scale: float):
+def svd_lora(delta_MN: np.ndarray, rank: int,
+             scale: float) -> tuple[np.ndarray, np.ndarray, float]:
   """Rank-`rank` factors A [M, rank], B [rank, N] with scale * A @ B = best approximation.
 
   Returns (A, B, residual) where residual = ||delta - scale * A @ B||_F. Factors beyond
@@ -163,10 +165,35 @@ def _shared_slot(layers: list[Layer], src: list[int], per_loop: list[int],
   return out, rel_err
 
 
+def _hashable(cfg: LMConfig) -> bool:
+  try:
+    hash(cfg)
+    return True
+  except TypeError:  # e.g. a hand-built config holding a list: no caching
+    return False
+
+
 def _expected_tree(cfg: LMConfig) -> dict[Path, jax.ShapeDtypeStruct]:
   """Flat path -> shape/dtype of `nn.unbox(init_params(LM(cfg)))`, without computing it."""
+  return (_expected_tree_cached if _hashable(cfg) else _expected_tree_uncached)(cfg)
+
+
+def _expected_tree_uncached(cfg: LMConfig) -> dict[Path, jax.ShapeDtypeStruct]:
   shapes = jax.eval_shape(lambda: nn.unbox(init_params(LM(cfg), jax.random.PRNGKey(0))))
   return traverse_util.flatten_dict(shapes)
+
+
+def _init_fn_uncached(cfg: LMConfig):
+  """Compiled rng -> unboxed init params of LM(cfg) (an eager init is slow)."""
+  return jax.jit(lambda rng: nn.unbox(init_params(LM(cfg), rng)))
+
+
+_expected_tree_cached = functools.lru_cache(maxsize=16)(_expected_tree_uncached)
+_init_fn_cached = functools.lru_cache(maxsize=4)(_init_fn_uncached)
+
+
+def _init(cfg: LMConfig, rng: jax.Array) -> Any:
+  return (_init_fn_cached if _hashable(cfg) else _init_fn_uncached)(cfg)(rng)
 
 
 def _check_untied(params: Any, cfg: LMConfig) -> None:
@@ -231,8 +258,7 @@ def convert(untied_params: Any, untied_cfg: LMConfig, rec_cfg: LMConfig,
   fill = {}
   if missing:
     if template is None:
-      rng = jax.random.PRNGKey(0) if rng is None else rng
-      template = init_params(LM(rec_cfg), rng)
+      template = _init(rec_cfg, jax.random.PRNGKey(0) if rng is None else rng)
     fill = traverse_util.flatten_dict(nn.unbox(template))
   result = {}
   for path, spec in expected.items():
