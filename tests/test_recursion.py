@@ -510,3 +510,26 @@ def test_mor_expert_run_reports_router_losses(tmp_path):
   want = flops.account(full_mc, full.data.seq_len).forward_flops_per_token
   # capacities (1, .67, .33) of the 3 loops: the accounted compute is about 2/3 of it
   assert run["accounting"]["forward_flops_per_token"] < 0.8 * want
+
+
+def test_full_compacted_cache_makes_tokens_exit_never_attend_to_missing_keys():
+  """Loop 1's compacted cache holds ceil(0.125 * 16) = 2 tokens. A router that sends every
+  token on: the first two keep depth 2, the other four exit at loop 1 (counted as
+  overflow) instead of attending to keys that were never stored."""
+  cfg = model_cfg(num_layers=2, strategy="cycle", num_loops=2, router="expert",
+                  capacities=(1.0, 0.5), kv_cache_fractions=(1.0, 0.125))
+  params = draw_params(LM(cfg))
+  params["recursion"]["router"] = jnp.zeros_like(params["recursion"]["router"])
+  params["recursion"]["router_bias"] = jnp.full_like(params["recursion"]["router_bias"], 5.0)
+  prompt = tokens(b=1, t=6)
+  from moejax.generate import init_cache  # pylint: disable=g-import-not-at-top
+  dec = LM(dataclasses.replace(cfg, max_seq_len=T), decode=True)
+  logits, side = dec.apply({"params": params, "cache": init_cache(dec, 1)}, prompt,
+                           mutable=["cache"])
+  rec = side["cache"]["recursion"]
+  assert int(rec["depth_count_1"][0]) == 2 and int(rec["overflow_1"][0]) == 4
+  assert int(rec["shared_0"]["attn"]["index_1"][0]) == 2
+  assert int(rec["shared_0"]["attn"]["index"][0]) == 6
+  full = LM(dataclasses.replace(cfg, max_seq_len=T)).apply({"params": params}, prompt)
+  np.testing.assert_allclose(logits[:, :2], full[:, :2], atol=1e-4)  # room for these two
+  assert np.abs(logits[:, 2:] - full[:, 2:]).max() > 1e-3  # the others stopped at depth 1

@@ -24,6 +24,10 @@ decoding) the active sets are masks over all tokens: the masked path is also the
 reference that the gathered training path is tested against (dispatch='mask' forces it
 everywhere: same results, no savings).
 
+Decoding keeps, per loop, only the K/V of tokens that reached it (recursion-wise cache;
+`kv_cache_fractions` sizes each loop's compacted cache, and a token finding its loop's
+cache full exits there, counted in cache/overflow_r).
+
 Side outputs: "mor_losses" (weighted losses, added to the training loss), "mor_stats"
 (per-token depth histogram, active fraction per step, depth load), "mor_bias" (the
 token router's loss-free bias, updated by the train step).
@@ -31,6 +35,7 @@ token router's loss-free bias, updated by the train step).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -116,6 +121,21 @@ class RecursiveStack(nn.Module):
                                   jnp.float32).value
     return p
 
+  def _fit_cache(self, sel_BT: Array, r: int) -> Array:
+    """Decoding with compacted caches of ceil(fraction_r * max_seq_len) slots: a token
+    that finds step r's cache full stops there (as if the router had let it exit), so no
+    token ever attends to keys that were not stored. `cache/overflow_{r}` counts them."""
+    c, rc = self.cfg, self.cfg.recursion
+    slots = max(1, math.ceil(rc.kv_cache_fractions[r] * c.max_seq_len))
+    b = sel_BT.shape[0]
+    used = self.variable("cache", f"depth_count_{r}", jnp.zeros, (b,), jnp.int32)
+    over = self.variable("cache", f"overflow_{r}", jnp.zeros, (b,), jnp.int32)
+    rank_BT = used.value[:, None] + jnp.cumsum(sel_BT.astype(jnp.int32), axis=1)
+    fits_BT = sel_BT & (rank_BT <= slots)
+    used.value = used.value + fits_BT.sum(axis=1).astype(jnp.int32)
+    over.value = over.value + (sel_BT & ~fits_BT).sum(axis=1).astype(jnp.int32)
+    return fits_BT
+
   def _loop(self, core, loops: int, x_BTD: Array, positions_BT: Array, tokens_BT: Array):
     rc = self.cfg.recursion
     b, t, d = x_BTD.shape
@@ -177,6 +197,8 @@ class RecursiveStack(nn.Module):
           idx_BC = topk_positions(gate_tok_BT, sel_BT, rc.capacity_tokens(r, t))
           sel_BT = jnp.zeros((b, t), bool).at[rows, idx_BC].set(True) & sel_BT
 
+      if self.decode and rc.router != "none" and rc.kv_cache_fractions:
+        sel_BT = self._fit_cache(sel_BT, r)
       mask_BT = sel_BT if rc.router != "none" else None
       if idx_BC is not None and rc.dispatch == "gather":
         # gather the kept tokens, run them, scatter their (gated) updates back
