@@ -24,6 +24,7 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "sentencepiece>=0.2.0",
+        "matplotlib>=3.8",  # experiment and scaling plots
     ],
     extras_require={
         "dev": [

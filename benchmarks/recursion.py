@@ -280,16 +280,18 @@ def bench_generate(dims: dict) -> dict:
   slots = [max(1, math.ceil(f * mc.max_seq_len)) for f in rc.kv_cache_fractions]
   seen = p + n - 1  # the last sampled token is never fed back
   counts = _counters(cache)
+  top = cache["recursion"]
   per_loop = {}
   for key, v in counts.items():
     loop = int(key.rsplit("_", 1)[1]) if key.rsplit("/", 1)[1] != "index" else 0
-    per_loop[key] = {"loop": loop, "routed": v[0], "slots": slots[loop], "tokens_fed": seen,
-                     "routed_fraction": v[0] / seen,
+    over = int(np.asarray(top.get(f"overflow_{loop}", np.zeros(1)))[0])
+    per_loop[key] = {"loop": loop, "stored": v[0], "slots": slots[loop], "tokens_fed": seen,
+                     "stored_fraction": v[0] / seen,
                      "cache_fraction": rc.kv_cache_fractions[loop],
-                     "stored": min(v[0], slots[loop]),
-                     "overflow_dropped": max(0, v[0] - slots[loop])}
+                     "overflow_exited": over, "routed": v[0] + over}
   print(f"  generate: {p} + {n} tokens in {gen_s:.1f} s (incl. compile); entries per loop: "
-        + ", ".join(f"{k} {v['routed']}/{v['slots']}" for k, v in per_loop.items()))
+        + ", ".join(f"{k} {v['stored']}/{v['slots']} (+{v['overflow_exited']} exited)"
+                   for k, v in per_loop.items()))
   return {"recursion": rec, "prompt_len": p, "new_tokens": n, "max_seq_len": mc.max_seq_len,
           "generate_s_incl_compile": gen_s, "output_shape": list(tokens.shape),
           "manual_replay_matches_generate": bool(jnp.array_equal(mine, tokens)),
@@ -337,11 +339,10 @@ def main() -> None:
           "the index/pos counters. generate: random-init model, greedy; at inference the "
           "expert router keeps a token while sigmoid(score) > threshold 0.5, and a random-init "
           "router's scores sit near 0 (sigmoid ~0.5), so how many tokens each loop keeps is "
-          "arbitrary, not a trained router's behaviour. 'routed' is the loop's index counter "
-          "(tokens the router sent through that loop, prefill + decode); only the first "
-          "'slots' of them are stored, later ones are dropped from that loop's cache "
-          "(overflow_dropped): the compacted cache assumes the inference router keeps at most "
-          "kv_cache_fraction of the tokens, which nothing enforces at threshold routing."),
+          "arbitrary, not a trained router's behaviour. 'stored' is the loop's cache counter; "
+          "a token the router sends on when the loop's cache ('slots') is full exits at that "
+          "loop instead (overflow_exited, the cache's overflow_r counter), so no token "
+          "attends to keys that were not stored; 'routed' = stored + overflow_exited."),
   }
   write_json(out_path, out)
   print(f"wrote {out_path} in {out['total_runtime_s']:.0f} s")
