@@ -181,3 +181,29 @@ def test_expert_weights_are_split_over_the_expert_axis():
   # Adam moments follow their parameters
   mu = jax.tree.leaves(sh.opt_state, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
   assert any(s.spec == w_sh.spec for s in mu)
+
+
+def test_checkpoint_moves_from_data_parallel_to_fsdp_expert_mesh(tmp_path):
+  """Saved on mesh (data=8), restored onto (fsdp=4, expert=2) exactly; training goes on."""
+  from moejax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from moejax.train.loop import abstract_train_state, train  # pylint: disable=g-import-not-at-top
+  base = ["train.num_steps=4", "train.checkpoint_every=4", "train.eval_every=4",
+          "train.eval_batches=1", "train.progress_bar=false", "train.tensorboard=false",
+          "train.async_checkpoint=false", "train.peak_flops=1e11"]
+  cfg_a = load_config("configs/moe/gshard_top2.py:runlocal", base + ["mesh.data=8"])
+  train(cfg_a, str(tmp_path))
+  cfg_b = load_config("configs/moe/gshard_top2.py:runlocal",
+                      base + ["mesh.data=1", "mesh.fsdp=4", "mesh.expert=2",
+                              "train.num_steps=6"])
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  saved, _, _ = ck.restore_latest(abstract_train_state(cfg_a, 257))
+  moved, _, meta = ck.restore_latest(abstract_train_state(cfg_b, 257))
+  ck.close()
+  assert int(meta["step"]) == 4
+  for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(moved)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  w = moved["params"]["moe_layers"]["moe"]["gate"]
+  assert w.sharding.mesh.shape["expert"] == 2
+  assert w.sharding.shard_shape(w.shape)[1] == w.shape[1] // 2  # experts split in two
+  summary = train(cfg_b, str(tmp_path))  # resumes at 4 on the new mesh, runs to 6
+  assert summary["step"] == 6 and np.isfinite(summary["final_val_loss"])
