@@ -7,6 +7,8 @@ nothing overflows. Edge cases: all tokens to one expert, k = E, empty experts.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,3 +191,40 @@ def test_ragged_plan_offsets_match_a_simulated_exchange():
             for i in np.flatnonzero(experts[s].reshape(-1) // e_local == t)]
     assert sorted(got.tolist()) == sorted(want)
     assert (recv_buffers[t][got.size:] == -1).all()  # packed from offset 0
+
+
+def test_calculator_all_to_all_bytes_match_the_compiled_program():
+  from moejax.config import load_config  # pylint: disable=g-import-not-at-top
+  from moejax.models.lm import LM  # pylint: disable=g-import-not-at-top
+  from moejax.planning import plan  # pylint: disable=g-import-not-at-top
+  from moejax.train.loop import Sharded, build_model, init_state, state_shardings  # pylint: disable=g-import-not-at-top
+  from moejax.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
+  from moejax.train.steps import make_train_step  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  c = load_config("configs/moe/gshard_top2.py:runlocal",
+                  ["mesh.data=2", "mesh.expert=4", "model.scan_layers=false"])
+  c.data.seq_len, c.data.batch_size = 16, 8
+  mesh = parallel.make_mesh(c.mesh)
+  rules = parallel.rules_from_config(c.mesh)
+  model, mc = build_model(c, 257)
+  tx, _ = make_optimizer(c.optim, 10)
+  sh = state_shardings(model, tx, 0, 16, mesh, rules)
+  shapes = jax.eval_shape(lambda: init_state(model, tx, 0, 16))
+  abstract = jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
+                          shapes, sh)
+  bsh = parallel.batch_sharding(mesh, rules)
+  batch = {k: jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=bsh) for k in ("inputs", "targets")}
+  step = Sharded(make_train_step(LM(mc, deterministic=False)), mesh, rules,
+                 in_shardings=(sh, bsh), out_shardings=(sh, None))
+  hlo = step.lower(abstract, batch).compile().as_text()
+  sizes = []  # bytes of each all-to-all's result (XLA:CPU returns a tuple of ep pieces)
+  for line in hlo.splitlines():
+    if " all-to-all(" not in line:
+      continue
+    result = line.split(" = ", 1)[1].split(" all-to-all(", 1)[0]
+    sizes.append(sum(math.prod(int(v) for v in dims.split(",")) * (4 if t == "f32" else 2)
+                     for t, dims in re.findall(r"(f32|bf16)\[([\d,]+)\]", result)))
+  r = plan(c, dict(mesh.shape), vocab_size=257)
+  assert r["moe_layers"] == 2 and len(sizes) == 4 * r["moe_layers"]
+  assert all(s == r["all_to_all_buffer_bytes"] for s in sizes), (sizes, r["all_to_all_buffer_bytes"])
+  assert r["traffic_bytes_per_step"]["expert_all_to_all"] == pytest.approx(sum(sizes) * 3 / 4)
