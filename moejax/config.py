@@ -101,6 +101,15 @@ def base_config() -> ml_collections.ConfigDict:
   me.rules = ()  # overrides of parallel.RULES: "logical=axis", "logical=a+b", "logical="
   me.expert_dispatch = "auto"  # auto | gspmd | all_to_all: how MoE tokens reach experts
 
+  di = c.dist = ml_collections.ConfigDict()
+  # Multi-host (moejax/distributed.py): explicit, from MOEJAX_* variables, or automatic.
+  di.coordinator = ""  # "host:port" of process 0; "" = env MOEJAX_COORDINATOR or auto
+  di.num_processes = 0
+  di.process_id = -1
+  di.auto = True  # let JAX detect Cloud TPU pods and SLURM jobs
+  di.initialization_timeout_s = 300
+  di.heartbeat_timeout_s = 100  # a process silent this long is declared dead
+
   d = c.data = ml_collections.ConfigDict()
   d.source = "embedded"  # embedded | tfds
   d.paths = ()  # embedded: files/folders; empty -> standard library of this Python
@@ -298,6 +307,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_moe(config)
   _validate_recursion(config)
   _validate_mesh(config)
+  _validate_dist(config)
 
   # data
   _choice(config, "data.source", ("embedded", "tfds"))
@@ -543,3 +553,20 @@ def _validate_mesh(config) -> None:
     _fail("data.batch_size", config.data.batch_size,
           f"must be divisible by mesh data x fsdp x expert = {math.prod(dp)} (the batch is "
           "split over those axes)")
+
+
+def _validate_dist(config) -> None:
+  di = config.dist
+  if not isinstance(di.coordinator, str):
+    _fail("dist.coordinator", di.coordinator, "must be a 'host:port' string or ''")
+  if di.coordinator and ":" not in di.coordinator:
+    _fail("dist.coordinator", di.coordinator, "must look like 'host:port'")
+  _nonneg_int(config, "dist.num_processes")
+  if isinstance(di.process_id, bool) or not isinstance(di.process_id, int) or di.process_id < -1:
+    _fail("dist.process_id", di.process_id, "must be -1 (unset) or a process index >= 0")
+  if di.num_processes and di.process_id >= di.num_processes:
+    _fail("dist.process_id", di.process_id, f"must be < dist.num_processes={di.num_processes}")
+  _pos_int(config, "dist.initialization_timeout_s")
+  _pos_int(config, "dist.heartbeat_timeout_s")
+  if not isinstance(di.auto, bool):
+    _fail("dist.auto", di.auto, "must be True or False")

@@ -210,6 +210,11 @@ def train(config, workdir: str) -> dict:
           f"{' x '.join(f'{a}={n}' for a, n in mesh.shape.items() if n > 1) or 'single'}; "
           f"matmul peak {peak / 1e9:.0f} GFLOP/s/device",
           flush=True)
+    if jax.process_count() > 1:
+      print(f"[moejax] {jax.process_count()} processes x {jax.local_device_count()} devices; "
+            "each feeds its slice of every batch; if one process dies the others abort "
+            "(JAX coordination service / collective error) instead of hanging",
+          flush=True)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                                async_save=tc.async_checkpoint)
@@ -409,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     config = config_lib.load_config(args.config, overrides)
     config_lib.validate(config)
   except config_lib.ConfigError as e:
+    print(f"moejax: invalid config: {e}", file=sys.stderr)
+    return 2
+  from moejax import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.initialize(config.dist)
+  except ValueError as e:
     print(f"moejax: invalid config: {e}", file=sys.stderr)
     return 2
   try:
