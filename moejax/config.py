@@ -92,6 +92,24 @@ def base_config() -> ml_collections.ConfigDict:
   r.eval_loops = 0  # inference depth: run only this many loops (0 = num_loops)
   r.kv_cache_fractions = ()  # decoding: slots per step as a fraction of max_seq_len; () = 1.0
 
+  me = c.mesh = ml_collections.ConfigDict()
+  # Device mesh axis sizes; one may be -1 (= the remaining devices). See moejax/parallel.py.
+  me.data = -1  # data parallel
+  me.fsdp = 1  # data parallel + parameters / optimizer state sharded (ZeRO-3)
+  me.tensor = 1  # tensor parallel: heads, mlp, vocab
+  me.expert = 1  # expert parallel (and data parallel for the non-expert layers)
+  me.rules = ()  # overrides of parallel.RULES: "logical=axis", "logical=a+b", "logical="
+  me.expert_dispatch = "auto"  # auto | gspmd | all_to_all: how MoE tokens reach experts
+
+  di = c.dist = ml_collections.ConfigDict()
+  # Multi-host (moejax/distributed.py): explicit, from MOEJAX_* variables, or automatic.
+  di.coordinator = ""  # "host:port" of process 0; "" = env MOEJAX_COORDINATOR or auto
+  di.num_processes = 0
+  di.process_id = -1
+  di.auto = True  # let JAX detect Cloud TPU pods and SLURM jobs
+  di.initialization_timeout_s = 300
+  di.heartbeat_timeout_s = 100  # a process silent this long is declared dead
+
   d = c.data = ml_collections.ConfigDict()
   d.source = "embedded"  # embedded | tfds
   d.paths = ()  # embedded: files/folders; empty -> standard library of this Python
@@ -288,6 +306,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   _validate_moe(config)
   _validate_recursion(config)
+  _validate_mesh(config)
+  _validate_dist(config)
 
   # data
   _choice(config, "data.source", ("embedded", "tfds"))
@@ -486,3 +506,67 @@ def _validate_recursion(config) -> None:
           "capacities must not increase")
   if r.bias_update_rate and r.balance == "bias" and r.router != "token":
     _fail("model.recursion.balance", r.balance, "loss-free bias balancing is for router='token'")
+
+
+def _validate_mesh(config) -> None:
+  """Static mesh checks (the device count is checked when the mesh is made)."""
+  me, m = config.mesh, config.model
+  sizes = {}
+  for f in ("data", "fsdp", "tensor", "expert"):
+    v = me[f]
+    if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
+      _fail(f"mesh.{f}", v, "must be a positive integer or -1 (the remaining devices)")
+    sizes[f] = v
+  if sum(v == -1 for v in sizes.values()) > 1:
+    _fail("mesh", sizes, "at most one axis may be -1")
+  _choice(config, "mesh.expert_dispatch", ("auto", "gspmd", "all_to_all"))
+  if isinstance(me.rules, str) or not all(isinstance(r, str) and "=" in r for r in me.rules):
+    _fail("mesh.rules", me.rules, "must be a tuple of 'logical_name=mesh_axis' strings")
+  from moejax import parallel  # pylint: disable=g-import-not-at-top
+  try:
+    parallel.rules_from_config(me)
+  except parallel.MeshError as e:
+    raise ConfigError(str(e)) from None
+  t = sizes["tensor"]
+  if t > 1:
+    if m.num_heads % t:
+      _fail("mesh.tensor", t, f"must divide model.num_heads={m.num_heads}")
+    if m.num_kv_heads % t:
+      _fail("mesh.tensor", t, f"must divide model.num_kv_heads={m.num_kv_heads}")
+    if m.d_ff % t:
+      _fail("mesh.tensor", t, f"must divide model.d_ff={m.d_ff}")
+  ex = sizes["expert"]
+  if ex > 1:
+    e = m.moe
+    n_exp = e.num_experts * e.granularity
+    if not e.num_experts:
+      _fail("mesh.expert", ex, "expert parallelism needs an MoE model (model.moe.num_experts > 0)"
+            "; use mesh.data or mesh.fsdp for a dense model")
+    if n_exp % ex:
+      _fail("mesh.expert", ex, f"must divide the number of (segmented) experts {n_exp}")
+    if me.expert_dispatch == "all_to_all" and e.router == "expert_choice":
+      _fail("mesh.expert_dispatch", me.expert_dispatch,
+            "the all_to_all path serves token-choice routers (topk, deepseek, hash); use "
+            "'gspmd' (or 'auto', which picks it) for expert choice")
+  dp = [v for f, v in sizes.items() if f in ("data", "fsdp", "expert") and v != -1]
+  if math.prod(dp) and config.data.batch_size % math.prod(dp):
+    _fail("data.batch_size", config.data.batch_size,
+          f"must be divisible by mesh data x fsdp x expert = {math.prod(dp)} (the batch is "
+          "split over those axes)")
+
+
+def _validate_dist(config) -> None:
+  di = config.dist
+  if not isinstance(di.coordinator, str):
+    _fail("dist.coordinator", di.coordinator, "must be a 'host:port' string or ''")
+  if di.coordinator and ":" not in di.coordinator:
+    _fail("dist.coordinator", di.coordinator, "must look like 'host:port'")
+  _nonneg_int(config, "dist.num_processes")
+  if isinstance(di.process_id, bool) or not isinstance(di.process_id, int) or di.process_id < -1:
+    _fail("dist.process_id", di.process_id, "must be -1 (unset) or a process index >= 0")
+  if di.num_processes and di.process_id >= di.num_processes:
+    _fail("dist.process_id", di.process_id, f"must be < dist.num_processes={di.num_processes}")
+  _pos_int(config, "dist.initialization_timeout_s")
+  _pos_int(config, "dist.heartbeat_timeout_s")
+  if not isinstance(di.auto, bool):
+    _fail("dist.auto", di.auto, "must be True or False")

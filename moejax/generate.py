@@ -89,6 +89,7 @@ def load_run(workdir: str):
   checkpoint in workdir."""
   from moejax.data import make_tokenizer
   from moejax.train import checkpoint as ckpt_lib
+  from moejax import parallel
   from moejax.train.loop import abstract_train_state, build_model
 
   path = os.path.join(workdir, "config.json")
@@ -98,7 +99,8 @@ def load_run(workdir: str):
     config = ml_collections.ConfigDict(json.load(f))
   tok = make_tokenizer(config.data)
   model, mc = build_model(config, tok.vocab_size)
-  abstract = abstract_train_state(config, tok.vocab_size)
+  # restore replicated on this process's devices, whatever mesh the run trained on
+  abstract = abstract_train_state(config, tok.vocab_size, mesh=parallel.make_mesh())
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   restored = ckpt.restore_latest(abstract)
   ckpt.close()

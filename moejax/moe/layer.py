@@ -47,6 +47,7 @@ class MoEConfig:
   min_capacity: int = 4
   moe_every: int = 1
   first_dense: int = 0
+  expert_dispatch: str = "gspmd"  # config.mesh.expert_dispatch: auto | gspmd | all_to_all
 
   @classmethod
   def from_config(cls, e: Any, d_ff: int) -> "MoEConfig | None":
@@ -127,9 +128,21 @@ class MoEFFN(nn.Module):
     w_down = self.param("down", param_init(self.out_std, ("expert", "expert_mlp", "embed")),
                         (e, f, d), self.param_dtype)
     from moejax.moe.dispatch import expert_capacity, moe_ffn  # pylint: disable=g-import-not-at-top
-    capacity = expert_capacity(r.token_A.shape[0], e, cf, c.min_capacity)
-    y_ND, dropped_A = moe_ffn(x_ND, r, w_gate.astype(self.dtype), w_up.astype(self.dtype),
-                              w_down.astype(self.dtype), backend=c.backend, capacity=capacity)
+    mesh = _expert_mesh() if c.expert_dispatch != "gspmd" else None
+    if mesh is not None and c.router != "expert_choice":
+      # expert parallel: tokens go to the experts' devices by all_to_all (shard_map)
+      from moejax.moe.expert_parallel import ep_moe_ffn  # pylint: disable=g-import-not-at-top
+      k = r.expert_A.shape[0] // n
+      y_ND, dropped_NK = ep_moe_ffn(
+          x_ND, r.expert_A.reshape(k, n).T, r.gate_A.reshape(k, n).T,
+          w_gate.astype(self.dtype), w_up.astype(self.dtype), w_down.astype(self.dtype),
+          mesh=mesh, capacity_factor=cf, min_capacity=c.min_capacity)
+      dropped_A = dropped_NK.T.reshape(-1)
+    else:
+      capacity = expert_capacity(r.token_A.shape[0], e, cf, c.min_capacity)
+      y_ND, dropped_A = moe_ffn(x_ND, r, w_gate.astype(self.dtype), w_up.astype(self.dtype),
+                                w_down.astype(self.dtype), backend=c.backend,
+                                capacity=capacity)
     y_BTD = y_ND.reshape(b, t, d).astype(self.dtype)
     if c.num_shared:
       y_BTD = y_BTD + MLP(c.num_shared * f, self.init_std, self.out_std, self.dtype,
@@ -158,6 +171,14 @@ class MoEFFN(nn.Module):
       self.variable("moe_routes", "gates", lambda: jnp.zeros((n, e), jnp.float32)).value = (
           r.combine_NE())
     return constrain(y_BTD, ("batch", "length", "embed"))
+
+
+def _expert_mesh():
+  """The surrounding jit's mesh when it has an 'expert' axis of size > 1, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or getattr(mesh, "empty", False) or not mesh.shape:
+    return None
+  return mesh if mesh.shape.get("expert", 1) > 1 else None
 
 
 def update_bias(moe_bias: Any, moe_stats: Any, rate: float) -> Any:

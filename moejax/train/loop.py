@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from moejax import config as config_lib
 from moejax import flops as flops_lib
@@ -51,6 +52,11 @@ def _fmt_time(s: float) -> str:
 
 def build_model(config, vocab_size: int) -> tuple[LM, LMConfig]:
   mc = LMConfig.from_config(config.model, seq_len=config.data.seq_len, vocab_size=vocab_size)
+  mesh_cfg = config.get("mesh")
+  if mc.moe is not None and mesh_cfg is not None:
+    mode = mesh_cfg.expert_dispatch
+    mode = "all_to_all" if mode == "auto" else mode  # used only when the mesh has experts
+    mc = dataclasses.replace(mc, moe=dataclasses.replace(mc.moe, expert_dispatch=mode))
   return LM(mc), mc
 
 
@@ -67,13 +73,48 @@ def abstract_like(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def state_shardings(model: LM, tx, seed: int, seq_len: int, mesh, rules) -> TrainState:
+  """NamedShardings of every TrainState leaf: parameters by their logical axes and the
+  rules, optimizer moments like their parameters, everything else replicated."""
+  rep = parallel.replicated(mesh)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                            jnp.zeros((1, min(seq_len, 8)), jnp.int32)))
+  param_sh = parallel.logical_shardings(boxed["params"], mesh, rules)
+  shapes = jax.eval_shape(lambda: init_state(model, tx, seed, seq_len))
+  parallel.check_divisible(shapes.params, param_sh)
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, shapes.opt_state, param_sh,
+                                 transform_non_params=lambda _: rep)
+  return shapes.replace(step=rep, params=param_sh, opt_state=opt_sh, rng=rep,
+                        model_state=jax.tree.map(lambda _: rep, shapes.model_state))
+
+
 def abstract_train_state(config, vocab_size: int, mesh=None) -> TrainState:
-  """Shapes, dtypes and (replicated) shardings of the TrainState, without computing it."""
+  """Shapes, dtypes and shardings of the TrainState (on `mesh`, default: the config's)."""
   model, _ = build_model(config, vocab_size)
   tx, _ = make_optimizer(config.optim, config.train.num_steps)
-  rep = parallel.replicated(mesh if mesh is not None else parallel.make_mesh())
+  mesh_cfg = config.get("mesh")
+  mesh = mesh if mesh is not None else parallel.make_mesh(mesh_cfg)
+  rules = parallel.rules_from_config(mesh_cfg)
+  sh = state_shardings(model, tx, config.seed, config.data.seq_len, mesh, rules)
   shapes = jax.eval_shape(lambda: init_state(model, tx, config.seed, config.data.seq_len))
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+  return jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
+                      shapes, sh)
+
+
+class Sharded:
+  """A jitted function called under the mesh and the logical-axis rules, so the model's
+  activation constraints resolve to mesh axes when it is traced."""
+
+  def __init__(self, fn, mesh, rules, **jit_kwargs):
+    self.fn, self.mesh, self.rules = jax.jit(fn, **jit_kwargs), mesh, rules
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.fn(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.fn.lower(*args)
 
 
 def evaluate(eval_step, params, model_state, batches, bytes_per_token: float) -> dict:
@@ -123,25 +164,36 @@ def train(config, workdir: str) -> dict:
   tc = config.train
 
   n_dev = jax.device_count()
-  if config.data.batch_size % n_dev:
+  try:
+    mesh = parallel.make_mesh(config.mesh)
+    rules = parallel.rules_from_config(config.mesh)
+  except parallel.MeshError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  dp = parallel.data_parallel_size(mesh, rules)
+  if config.data.batch_size % dp:
     raise config_lib.ConfigError(
         f"config.data.batch_size = {config.data.batch_size} is not allowed: must be divisible "
-        f"by the number of devices ({n_dev}) for data parallelism")
+        f"by the data-parallel size {dp} (mesh {dict(mesh.shape)}; the batch is split over "
+        f"{parallel.batch_axes(mesh, rules)})")
   data = build_data(config.data, seed=config.seed, process_index=jax.process_index(),
                     process_count=jax.process_count())
   model, mc = build_model(config, data.tokenizer.vocab_size)
   acct = flops_lib.account(mc, config.data.seq_len)
   tx, schedule = make_optimizer(config.optim, tc.num_steps)
 
-  mesh = parallel.make_mesh()
-  state = jax.jit(lambda: init_state(model, tx, config.seed, config.data.seq_len),
-                  out_shardings=parallel.replicated(mesh))()
+  try:
+    state_sh = state_shardings(model, tx, config.seed, config.data.seq_len, mesh, rules)
+  except parallel.MeshError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  state = Sharded(lambda: init_state(model, tx, config.seed, config.data.seq_len), mesh, rules,
+                  out_shardings=state_sh)()
   peak = tc.peak_flops or flops_lib.measure_matmul_peak()
 
   meta = {
       "name": config.name, "accounting": acct.as_dict(), "model": dataclasses.asdict(mc),
       "data": {"fingerprint": data.fingerprint, **data.info},
-      "peak_flops_per_device": peak, "devices": n_dev, "backend": jax.default_backend(),
+      "peak_flops_per_device": peak, "devices": n_dev, "mesh": dict(mesh.shape),
+      "backend": jax.default_backend(),
       "versions": {"python": platform.python_version(), "jax": jax.__version__,
                    "flax": flax.__version__},
   }
@@ -154,7 +206,14 @@ def train(config, workdir: str) -> dict:
     print(f"[moejax] data: {data.info.get('source')} fingerprint {data.fingerprint[:12]}, "
           f"{data.info.get('num_train_tokens', 0) / 1e6:.2f}M train / "
           f"{data.info.get('num_val_tokens', 0) / 1e6:.2f}M val tokens; "
-          f"{n_dev} {jax.default_backend()} device(s); matmul peak {peak / 1e9:.0f} GFLOP/s/device",
+          f"{n_dev} {jax.default_backend()} device(s), mesh "
+          f"{' x '.join(f'{a}={n}' for a, n in mesh.shape.items() if n > 1) or 'single'}; "
+          f"matmul peak {peak / 1e9:.0f} GFLOP/s/device",
+          flush=True)
+    if jax.process_count() > 1:
+      print(f"[moejax] {jax.process_count()} processes x {jax.local_device_count()} devices; "
+            "each feeds its slice of every batch; if one process dies the others abort "
+            "(JAX coordination service / collective error) instead of hanging",
           flush=True)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
@@ -171,15 +230,17 @@ def train(config, workdir: str) -> dict:
       print(f"[moejax] resumed from checkpoint at step {int(cmeta['step'])}", flush=True)
   start = int(state.step)
 
-  batch_sharding = parallel.batch_sharding(mesh)
+  batch_sharding = parallel.batch_sharding(mesh, rules)
   train_model = LM(mc, deterministic=False)
-  train_step = jax.jit(make_train_step(
+  train_step = Sharded(make_train_step(
       train_model, bias_update_rate=mc.moe.bias_update_rate if mc.moe else 0.0,
       debug_nan_step=tc.debug_nan_step,
       mor_bias_rate=(mc.recursion.bias_update_rate
                      if mc.recursion and mc.recursion.balance == "bias" else 0.0)),
+      mesh, rules, in_shardings=(state_sh, batch_sharding), out_shardings=(state_sh, None),
       donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(model))
+  eval_step = Sharded(make_eval_step(model), mesh, rules,
+                      in_shardings=(state_sh.params, state_sh.model_state, batch_sharding))
   val_batches = [_to_global(b, batch_sharding) for b in data.val_batches(tc.eval_batches)] \
       if tc.eval_batches else []
   tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -353,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     config = config_lib.load_config(args.config, overrides)
     config_lib.validate(config)
   except config_lib.ConfigError as e:
+    print(f"moejax: invalid config: {e}", file=sys.stderr)
+    return 2
+  from moejax import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.initialize(config.dist)
+  except ValueError as e:
     print(f"moejax: invalid config: {e}", file=sys.stderr)
     return 2
   try:
