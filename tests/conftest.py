@@ -12,3 +12,24 @@ try:
   jax.config.update("jax_num_cpu_devices", 8)
 except Exception:  # older/newer jax without the option: XLA_FLAGS above does it
   pass
+
+
+import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+  parser.addoption("--runslow", action="store_true", default=False,
+                   help="also run tests marked slow (redundant variants of covered features)")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: a redundant variant; run with --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--runslow") or os.environ.get("MOEJAX_SLOW"):
+    return
+  skip = pytest.mark.skip(reason="slow variant: run with --runslow")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)

@@ -195,7 +195,8 @@ def test_quickstart_parameter_count_matches_its_docstring():
 
 def test_base_config_has_the_documented_sections():
   c = base_config()
-  assert set(c.keys()) == {"name", "seed", "model", "data", "optim", "train"}
+  assert set(c.keys()) == {"name", "seed", "model", "mesh", "dist", "data", "optim", "train"}
+  assert set(c.model.keys()) >= {"moe", "recursion"}
   assert c.model.vocab_size == 0 and c.model.max_seq_len == 0  # taken from tokenizer / data
 
 

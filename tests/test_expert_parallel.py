@@ -78,7 +78,8 @@ def run_ep(mesh, x, experts, gates, w, cf, min_cap=1):
     return f(*args), f
 
 
-@pytest.mark.parametrize("sizes", [dict(data=2, expert=4), dict(expert=8)],
+@pytest.mark.parametrize("sizes", [dict(data=2, expert=4),
+                                   pytest.param(dict(expert=8), marks=pytest.mark.slow)],
                          ids=["dp2_ep4", "ep8"])
 @pytest.mark.parametrize("kind,e,k,cf", [
     ("random", 8, 2, 1.0),       # some overflow
@@ -106,6 +107,11 @@ def test_all_to_all_dispatch_equals_per_device_capacity_reference(sizes, kind, e
     y_dl, _ = moe_ffn(jnp.asarray(x), r, *map(jnp.asarray, w), backend="reference", capacity=0)
     np.testing.assert_allclose(y, y_dl, atol=1e-4, rtol=1e-4)
     assert not np.asarray(dropped).any()
+
+
+def test_all_to_all_on_a_pure_expert_mesh():
+  test_all_to_all_dispatch_equals_per_device_capacity_reference(dict(expert=8), "random", 8, 2,
+                                                                1.0)
 
 
 def test_gradients_equal_the_reference():

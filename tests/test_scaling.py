@@ -20,7 +20,7 @@ def grid_points(rng, noise=0.005):
 def test_chinchilla_fit_recovers_exponents_within_5_percent():
   rng = np.random.default_rng(0)
   n, d, loss = grid_points(rng)
-  f = fit.fit_chinchilla(n, d, loss, bootstrap=20)
+  f = fit.fit_chinchilla(n, d, loss, bootstrap=8)
   for k in ("alpha", "beta", "E"):
     assert f.params[k] == pytest.approx(TRUE[k], rel=0.05), (k, f.params)
   lo, hi = f.intervals["alpha"]
