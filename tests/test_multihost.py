@@ -38,7 +38,8 @@ def free_port() -> int:
 
 def env(devices: int) -> dict:
   e = dict(os.environ)
-  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  e["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                    "--xla_backend_optimization_level=0")
   e["JAX_PLATFORMS"] = "cpu"
   e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
   return e
