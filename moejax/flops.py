@@ -124,21 +124,12 @@ def account(c: LMConfig, seq_len: int) -> Accounting:
     return _account_recursive(c, seq_len)
   emb = c.vocab_size * c.d_model
   unembed = 0 if c.tie_embeddings else c.d_model * c.vocab_size
-  d, h, k, dh = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
-  proj = 2 * d * dh * (2 * h + 2 * k)
-  scores = 2 * 2 * seq_len * h * dh  # QK^T and PV over the full score matrix
   total = active = emb + unembed + c.d_model
-  fwd = 2 * d * c.vocab_size
+  fwd = 2 * c.d_model * c.vocab_size  # attention over the full T x T score matrix
   for kind in c.layer_kinds():
     t, a = layer_params(c, kind)
     total, active = total + t, active + a
-    if kind == "dense":
-      ffn = 2 * 3 * d * c.d_ff
-    else:
-      m = c.moe
-      router = 0 if m.router == "hash" else 2 * d * m.num_experts
-      ffn = router + 2 * 3 * d * m.expert_d_ff * (m.k + m.num_shared)
-    fwd += proj + scores + ffn
+    fwd += _block_flops(c, kind, seq_len)
   return Accounting(total_params=total, active_params=active, embedding_params=emb + unembed,
                     forward_flops_per_token=float(fwd), train_flops_per_token=float(3 * fwd))
 

@@ -134,31 +134,38 @@ def test_gradients_equal_the_reference():
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_compiled_moe_step_exchanges_tokens_not_weights():
-  """Expert weights [E, D, F] stay sharded: all-to-alls in the HLO, no all-gather of them."""
+def compiled_moe_step(overrides):
+  """HLO text of the jitted MoE train step (gshard runlocal, 8 x 16 tokens) and its
+  LMConfig and config, compiled from abstract inputs (nothing runs)."""
   from moejax.config import load_config  # pylint: disable=g-import-not-at-top
   from moejax.models.lm import LM  # pylint: disable=g-import-not-at-top
   from moejax.train.loop import Sharded, build_model, init_state, state_shardings  # pylint: disable=g-import-not-at-top
   from moejax.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
   from moejax.train.steps import make_train_step  # pylint: disable=g-import-not-at-top
+  c = load_config("configs/moe/gshard_top2.py:runlocal", overrides)
+  c.data.seq_len, c.data.batch_size = 16, 8
+  mesh = parallel.make_mesh(c.mesh)
+  rules = parallel.rules_from_config(c.mesh)
+  model, mc = build_model(c, 257)
+  tx, _ = make_optimizer(c.optim, 10)
+  sh = state_shardings(model, tx, 0, 16, mesh, rules)
+  shapes = jax.eval_shape(lambda: init_state(model, tx, 0, 16))
+  abstract = jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
+                          shapes, sh)
+  bsh = parallel.batch_sharding(mesh, rules)
+  batch = {k: jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=bsh)
+           for k in ("inputs", "targets")}
+  step = Sharded(make_train_step(LM(mc, deterministic=False)), mesh, rules,
+                 in_shardings=(sh, bsh), out_shardings=(sh, None))
+  return step.lower(abstract, batch).compile().as_text(), mc, c
+
+
+def test_compiled_moe_step_exchanges_tokens_not_weights():
+  """Expert weights [E, D, F] stay sharded: all-to-alls in the HLO, no all-gather of them."""
   hlo = {}
   for mode in ("all_to_all", "gspmd"):
-    c = load_config("configs/moe/gshard_top2.py:runlocal",
-                    ["mesh.data=2", "mesh.expert=4", f"mesh.expert_dispatch={mode}"])
-    c.data.seq_len, c.data.batch_size = 16, 8
-    mesh = parallel.make_mesh(c.mesh)
-    rules = parallel.rules_from_config(c.mesh)
-    model, mc = build_model(c, 257)
-    tx, _ = make_optimizer(c.optim, 10)
-    sh = state_shardings(model, tx, 0, 16, mesh, rules)
-    shapes = jax.eval_shape(lambda: init_state(model, tx, 0, 16))
-    abstract = jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
-                            shapes, sh)
-    bsh = parallel.batch_sharding(mesh, rules)
-    batch = {k: jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=bsh) for k in ("inputs", "targets")}
-    step = Sharded(make_train_step(LM(mc, deterministic=False)), mesh, rules,
-                   in_shardings=(sh, bsh), out_shardings=(sh, None))
-    hlo[mode] = step.lower(abstract, batch).compile().as_text()
+    hlo[mode], mc, _ = compiled_moe_step(["mesh.data=2", "mesh.expert=4",
+                                          f"mesh.expert_dispatch={mode}"])
   ep = hlo["all_to_all"]
   assert "all-to-all" in ep
   e, d, f = 8, mc.d_model, mc.moe.expert_d_ff
@@ -200,29 +207,10 @@ def test_ragged_plan_offsets_match_a_simulated_exchange():
 
 
 def test_calculator_all_to_all_bytes_match_the_compiled_program():
-  from moejax.config import load_config  # pylint: disable=g-import-not-at-top
-  from moejax.models.lm import LM  # pylint: disable=g-import-not-at-top
   from moejax.planning import plan  # pylint: disable=g-import-not-at-top
-  from moejax.train.loop import Sharded, build_model, init_state, state_shardings  # pylint: disable=g-import-not-at-top
-  from moejax.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
-  from moejax.train.steps import make_train_step  # pylint: disable=g-import-not-at-top
   import re  # pylint: disable=g-import-not-at-top
-  c = load_config("configs/moe/gshard_top2.py:runlocal",
-                  ["mesh.data=2", "mesh.expert=4", "model.scan_layers=false"])
-  c.data.seq_len, c.data.batch_size = 16, 8
+  hlo, _, c = compiled_moe_step(["mesh.data=2", "mesh.expert=4", "model.scan_layers=false"])
   mesh = parallel.make_mesh(c.mesh)
-  rules = parallel.rules_from_config(c.mesh)
-  model, mc = build_model(c, 257)
-  tx, _ = make_optimizer(c.optim, 10)
-  sh = state_shardings(model, tx, 0, 16, mesh, rules)
-  shapes = jax.eval_shape(lambda: init_state(model, tx, 0, 16))
-  abstract = jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
-                          shapes, sh)
-  bsh = parallel.batch_sharding(mesh, rules)
-  batch = {k: jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=bsh) for k in ("inputs", "targets")}
-  step = Sharded(make_train_step(LM(mc, deterministic=False)), mesh, rules,
-                 in_shardings=(sh, bsh), out_shardings=(sh, None))
-  hlo = step.lower(abstract, batch).compile().as_text()
   sizes = []  # bytes of each all-to-all's result (XLA:CPU returns a tuple of ep pieces)
   for line in hlo.splitlines():
     if " all-to-all(" not in line:
