@@ -22,7 +22,6 @@ expert weights (tested). A dropless variant would exchange exact counts with
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -92,8 +91,7 @@ def ep_moe_ffn(x_ND: Array, expert_NK: Array, gate_NK: Array, w_gate_EDF: Array,
   return fn(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
-def ragged_plan(expert_NK: np.ndarray, num_experts: int, ep: int,
-                shard_sizes: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+def ragged_plan(expert_NK: np.ndarray, num_experts: int, ep: int) -> dict[str, np.ndarray]:
   """Offsets and sizes for a dropless `jax.lax.ragged_all_to_all` exchange (host-side
   reference of the arithmetic; XLA:CPU cannot run the collective itself).
 
@@ -102,7 +100,6 @@ def ragged_plan(expert_NK: np.ndarray, num_experts: int, ep: int,
   (where in s's expert-sorted send buffer they start), output_offsets[s, t] (where in t's
   receive buffer they land: after the rows from sources < s) and recv_sizes[t, s].
   """
-  del shard_sizes
   e_local = num_experts // ep
   send = np.zeros((ep, ep), np.int64)
   for s in range(ep):

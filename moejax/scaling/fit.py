@@ -29,9 +29,13 @@ class Fit:
   intervals: dict[str, tuple[float, float]]  # 90% bootstrap percentile intervals
   loss: float  # objective at the optimum
   n_points: int
+  predict_fn: Callable[..., np.ndarray] | None = None  # the fitted law, if it predicts loss
 
-  def predict(self, *args) -> np.ndarray:  # set per law by the fitting function
-    raise NotImplementedError
+  def predict(self, *args) -> np.ndarray:
+    """The fitted law's loss at the given (N, D[, E or G]); isoFLOP fits have none."""
+    if self.predict_fn is None:
+      raise ValueError("this fit gives optimal allocations, not a loss law; use its params")
+    return self.predict_fn(*args)
 
   def as_dict(self) -> dict:
     return {"params": self.params, "intervals": {k: list(v) for k, v in self.intervals.items()},
@@ -103,9 +107,8 @@ def fit_chinchilla(n: Sequence[float], d: Sequence[float], loss: Sequence[float]
   intervals = _bootstrap(lambda idx: _chinchilla_once(n[idx], d[idx], loss[idx], delta,
                                                       boot_starts)[0],
                          n.size, bootstrap, seed) if bootstrap else {}
-  fit = Fit(params, intervals, obj, int(n.size))
-  fit.predict = lambda nn, dd: chinchilla_predict(params, nn, dd)  # type: ignore[method-assign]
-  return fit
+  return Fit(params, intervals, obj, int(n.size),
+             lambda nn, dd: chinchilla_predict(params, nn, dd))
 
 
 def compute_optimal(params: dict[str, float], compute: float) -> tuple[float, float]:
@@ -166,6 +169,12 @@ def effective_experts(e, e_start: float = 1.85, e_max: float = 256.0) -> np.ndar
   return 1.0 / inner
 
 
+def routed_predict(p: dict[str, float], n, e, e_start: float = 1.85,
+                   e_max: float = 256.0) -> np.ndarray:
+  ln, le = np.log(np.asarray(n, float)), np.log(effective_experts(e, e_start, e_max))
+  return np.exp(p["a"] * ln + p["b"] * le + p["c"] * ln * le + p["d"])
+
+
 def fit_routed(n: Sequence[float], experts: Sequence[float], loss: Sequence[float], *,
                e_start: float = 1.85, e_max: float = 256.0, bootstrap: int = 100,
                seed: int = 0) -> Fit:
@@ -179,15 +188,11 @@ def fit_routed(n: Sequence[float], experts: Sequence[float], loss: Sequence[floa
     return dict(zip(("a", "b", "c", "d"), map(float, coef)))
 
   params = once(np.arange(n.size))
-  ln, le = np.log(n), np.log(effective_experts(e, e_start, e_max))
-  pred = params["a"] * ln + params["b"] * le + params["c"] * ln * le + params["d"]
+  pred = np.log(routed_predict(params, n, e, e_start, e_max))
   obj = float(np.mean((pred - np.log(loss)) ** 2))
   intervals = _bootstrap(once, n.size, bootstrap, seed) if bootstrap else {}
-  fit = Fit(params, intervals, obj, int(n.size))
-  fit.predict = lambda nn, ee: np.exp(  # type: ignore[method-assign]
-      params["a"] * np.log(nn) + params["b"] * np.log(effective_experts(ee, e_start, e_max))
-      + params["c"] * np.log(nn) * np.log(effective_experts(ee, e_start, e_max)) + params["d"])
-  return fit
+  return Fit(params, intervals, obj, int(n.size),
+             lambda nn, ee: routed_predict(params, nn, ee, e_start, e_max))
 
 
 # ------------------------------------------------------------------ granularity
@@ -224,6 +229,5 @@ def fit_granular(n, d, g, loss, *, delta: float = 1e-3, bootstrap: int = 50,
 
   params, obj = once(np.arange(n.size))
   intervals = _bootstrap(lambda idx: once(idx)[0], n.size, bootstrap, seed) if bootstrap else {}
-  fit = Fit(params, intervals, obj, int(n.size))
-  fit.predict = lambda nn, dd, gg: granular_predict(params, nn, dd, gg)  # type: ignore[method-assign]
-  return fit
+  return Fit(params, intervals, obj, int(n.size),
+             lambda nn, dd, gg: granular_predict(params, nn, dd, gg))
