@@ -18,7 +18,8 @@ A point's dict may hold "name" (a label, not an override). Commands:
     python -m moejax.sweep --config FILE --workdir DIR --collect          # rebuild table
 
 Each point trains in its own process in DIR/points/<NNN_label>/ (a crash cannot take the
-sweep down; the retry resumes from the point's last checkpoint). A point whose result.json
+sweep down; the retry resumes from the point's last checkpoint; a
+config the trainer rejects (exit status 2) is not retried). A point whose result.json
 says it completed with the same overrides is skipped, so re-running the command resumes
 the sweep. A failed point is retried once, then recorded as failed and the sweep goes on
 (the exit status is non-zero at the end). After every point DIR/results.csv is rebuilt from
@@ -40,6 +41,7 @@ import time
 from typing import Any, Iterable, Sequence
 
 Point = dict[str, Any]
+EXIT_INVALID_CONFIG = 2  # moejax.train's exit status for a config it rejects
 
 COLUMNS = ("point", "name", "status", "overrides", "d_model", "num_layers", "num_experts",
            "experts_per_token", "granularity", "total_params", "active_params",
@@ -187,6 +189,9 @@ def run_point(spec: str, sweep_dir: str, i: int, p: Point, *, retries: int = 1,
       break
     with open(os.path.join(wd, f"train_attempt{attempt}.log")) as f:
       tail = f.read()[-2000:]
+    if rc == EXIT_INVALID_CONFIG:  # deterministic: a retry cannot help
+      log(f"[sweep] point {i} ({label(i, p)}): invalid config: {tail.strip()[-500:]}")
+      break
     log(f"[sweep] point {i} ({label(i, p)}) attempt {attempt + 1} exited {rc}"
         + ("; retrying (resumes from its last checkpoint)" if attempt < retries else ""))
   row = _row(i, p, wd, rc, time.time() - t0, tail)
