@@ -32,6 +32,9 @@ VARIANTS = {
     "vanilla_2layer": ("vanilla", ["model.num_layers=2"]),  # the recursive models' params
     "cycle": ("cycle", []),
     "middle_cycle": ("middle_cycle", []),
+    # the other sharing strategies at the same unique-layer counts
+    "sequence": ("cycle", ["model.recursion.strategy=sequence"]),
+    "middle_sequence": ("middle_cycle", ["model.recursion.strategy=middle_sequence"]),
     "relaxed": ("relaxed", []),
     "mor_expert": ("mor_expert", []),
     "mor_token": ("mor_token", []),
