@@ -20,7 +20,7 @@ from moejax.moe import dispatch
 from moejax.moe import routing as routing_lib
 from moejax.moe.routing import Routing
 
-IMPLS = ("capacity_einsum", "capacity_tiled", "dropless_ragged", "dropless_tiled")
+IMPLS = ("capacity_einsum", "capacity_tiled", "dropless_ragged", "dropless_tiled", "pallas")
 CAPACITY = ("capacity_einsum", "capacity_tiled")
 # Shared shapes keep the number of compilations (the cost of this file) small: every router
 # below yields A in {N, 2N, 4N} assignments over E = 4 experts.
@@ -144,7 +144,7 @@ def _grad_logits(logits_NE, x, wg, wu, wd, cot, *, backend: str, k: int):
   return jax.grad(loss)(logits_NE)
 
 
-@pytest.mark.parametrize("backend", ["dropless_tiled", "capacity_tiled"])
+@pytest.mark.parametrize("backend", ["dropless_tiled", "capacity_tiled", "pallas"])
 def test_gradients_through_router(backend):
   """d/d logits through topk_softmax's gates agrees with the reference (for the custom-VJP
   kernels; the others are plain autodiff, and all are checked w.r.t. gate_A above)."""
@@ -229,7 +229,8 @@ def test_tiles_not_dividing_tokens(tile, capacity):
                            capacity=capacity, tile=tile, dropped_A=dropped)
 
 
-@pytest.mark.parametrize("backend", ["capacity_einsum", "dropless_ragged", "dropless_tiled"])
+@pytest.mark.parametrize("backend", ["capacity_einsum", "dropless_ragged", "dropless_tiled",
+                                     "pallas"])
 def test_bfloat16(backend):
   """bf16 in, bf16 out, close to the float32 reference on the same (bf16-rounded) values.
   (capacity_tiled runs the dropless_tiled kernel.)"""

@@ -38,8 +38,14 @@ Backends (`BACKENDS`):
                    1.25-1.48x at E=64, k=16. Tile padding costs ~6% (tile / 2 rows per
                    expert), and small per-tile matmuls suffer more than one large one when
                    another process shares the cores.
-  (pallas)         reserved: a Pallas grouped matmul (moejax/kernels/gmm.py) registers in
-                   `_IMPLS` with the same signature.
+  pallas           dropless_ragged's dataflow with the Pallas grouped matmul
+                   (moejax/kernels/gmm.py) instead of ragged_dot: sort by expert, gather
+                   rows, gmm(x, [Wg | Wu]) (one kernel for both), SwiGLU, gmm(h, Wd),
+                   gate-weighted unsort + combine; gradients through the kernels' custom
+                   VJP. Triton on GPU, Mosaic on TPU; on CPU the kernels run in interpret
+                   mode (exact, but slow: CPU runs should use dropless_tiled). Not yet
+                   measured on an accelerator (benchmarks/gpu_check.sh), so "dropless"
+                   does not resolve to it.
 """
 
 from __future__ import annotations
@@ -51,12 +57,13 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from moejax.kernels import gmm as gmm_lib
 from moejax.moe.routing import Routing
 
 Array = jax.Array
 
 BACKENDS = ("reference", "capacity", "capacity_einsum", "capacity_tiled", "dropless",
-            "dropless_ragged", "dropless_tiled")
+            "dropless_ragged", "dropless_tiled", "pallas")
 CAPACITY_BACKENDS = ("capacity", "capacity_einsum", "capacity_tiled")
 
 
@@ -176,6 +183,22 @@ def _dropless_ragged(x_ND, routing, wg, wu, wd, capacity):
   h_SF = (jax.nn.silu(jax.lax.ragged_dot(x_SD, wg, count_E))
           * jax.lax.ragged_dot(x_SD, wu, count_E))
   out_SD = jax.lax.ragged_dot(h_SF, wd, count_E)
+  y_ND = _combine(out_SD, routing.gate_A[order_S], token_S, routing.num_tokens)
+  return y_ND, jnp.zeros(order_S.shape, bool)
+
+
+# ----------------------------------------------------------------------------- pallas
+
+
+def _pallas(x_ND, routing, wg, wu, wd, capacity):
+  del capacity
+  f = wg.shape[2]
+  order_S, _, _, count_E = _sort_by_expert(routing.expert_A, routing.num_experts)
+  token_S = routing.token_A[order_S]
+  x_SD = x_ND[token_S]
+  gu_S2F = gmm_lib.gmm(x_SD, jnp.concatenate([wg, wu], axis=2), count_E)
+  h_SF = jax.nn.silu(gu_S2F[:, :f]) * gu_S2F[:, f:]
+  out_SD = gmm_lib.gmm(h_SF, wd, count_E)
   y_ND = _combine(out_SD, routing.gate_A[order_S], token_S, routing.num_tokens)
   return y_ND, jnp.zeros(order_S.shape, bool)
 
@@ -311,14 +334,15 @@ def _capacity_tiled(x_ND, routing, wg, wu, wd, capacity, *, tile: int | None = N
 
 # ----------------------------------------------------------------------------- selection
 
-# Implementations by name. A Pallas grouped-matmul backend ("pallas", moejax/kernels/gmm.py)
-# registers here, and in _PLATFORM_CHOICE if it becomes the fastest dropless on GPU/TPU.
+# Implementations by name. "pallas" goes into _PLATFORM_CHOICE once a GPU/TPU measurement
+# shows it is the fastest dropless there.
 _IMPLS: dict[str, Callable] = {
     "reference": _reference,
     "capacity_einsum": _capacity_einsum,
     "capacity_tiled": _capacity_tiled,
     "dropless_ragged": _dropless_ragged,
     "dropless_tiled": _dropless_tiled,
+    "pallas": _pallas,
 }
 # Generic names -> (CPU choice, GPU/TPU choice): the fastest exact implementation of each.
 _PLATFORM_CHOICE = {"capacity": ("capacity_tiled", "capacity_einsum"),
