@@ -185,13 +185,15 @@ def _two_layer_loss_and_grads(x_ND, ws, logits_NE, *, backend: str):
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (simulated on CPU; "
                     "a one-GPU machine has 1)")
-def test_tiled_under_sharding_scan_and_remat():
-  """Tokens sharded over the 8 simulated devices, inside lax.scan + jax.checkpoint."""
+@pytest.mark.parametrize("backend", ["dropless_tiled", "pallas"])
+def test_tiled_under_sharding_scan_and_remat(backend):
+  """Tokens sharded over the 8 simulated devices, inside lax.scan + jax.checkpoint (the
+  custom-VJP backends)."""
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   x, *ws = _params(21, 64, D, F, E)
   x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
   logits = jnp.asarray(_normal(22, 64, E))
-  got = _two_layer_loss_and_grads(x, ws, logits, backend="dropless_tiled")
+  got = _two_layer_loss_and_grads(x, ws, logits, backend=backend)
   want = _two_layer_loss_and_grads(x, ws, logits, backend="reference")
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     _assert_close(g, w, 5e-5)

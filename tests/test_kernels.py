@@ -157,6 +157,19 @@ def test_property_mosaic_equals_references(data, dtype, seed):
   _check_all("mosaic", MOSAIC_TILING, bucket, jnp.dtype(dtype), sizes, seed)
 
 
+@pytest.mark.slow
+@hypothesis.settings(_PROPERTY, max_examples=40)
+@hypothesis.given(data=st.data(), impl=st.sampled_from(gmm_lib.IMPLS),
+                  b=st.sampled_from(range(len(BUCKETS) + 1)),
+                  dtype=st.sampled_from(["float32", "bfloat16"]), seed=st.integers(0, 2 ** 16))
+def test_property_many_examples(data, impl, b, dtype, seed):
+  """More examples, both lowerings, and a larger bucket (M 256, K 128, N 96, G 16)."""
+  bucket = (BUCKETS + ((256, 128, 96, 16),))[b]
+  sizes = data.draw(_group_sizes(bucket[0], bucket[3]), label="sizes")
+  tiling = TRITON_TILING if impl == "triton" else MOSAIC_TILING
+  _check_all(impl, tiling, bucket, jnp.dtype(dtype), sizes, seed)
+
+
 @pytest.mark.parametrize("impl", gmm_lib.IMPLS)
 def test_edge_group_sizes(impl):
   """All rows in one group, every group empty, sizes one off a tile multiple."""
@@ -243,9 +256,9 @@ def test_errors_name_the_argument():
       (lambda: gmm_lib.tgmm(lhs, lhs, sizes, group_offset=1), r"num_groups .* required"),
       (lambda: gmm_lib.tgmm(lhs, lhs[:4], sizes), r"grad must be \[M, N\] with M = .*8"),
   ]
-  if not ON_GPU:
-    cases.append((lambda: gmm_lib.gmm(lhs, rhs, sizes, impl="triton", interpret=False),
-                  r"compiles only on gpu.*interpret=True"))
+  foreign, native = ("mosaic", "tpu") if ON_GPU else ("triton", "gpu")
+  cases.append((lambda: gmm_lib.gmm(lhs, rhs, sizes, impl=foreign, interpret=False),
+                rf"compiles only on {native}.*interpret=True"))
   for fn, pattern in cases:
     with pytest.raises(ValueError, match=pattern):
       fn()
