@@ -248,6 +248,8 @@ def test_errors_name_the_argument():
       (lambda: gmm_lib.gmm(lhs, rhs, sizes, tiling=(8, 0, 8)), r"tiling must be 3 positive"),
       (lambda: gmm_lib.gmm(lhs, rhs, sizes, tiling=(8, 8)), r"tiling must be 3 positive"),
       (lambda: gmm_lib.gmm(lhs, rhs, sizes, impl="cuda"), r"impl='cuda'.*triton, mosaic"),
+      (lambda: gmm_lib.gmm(lhs, rhs, sizes, preferred_element_type=jnp.int32),
+       r"preferred_element_type=int32 is not allowed; allowed: float32"),
       (lambda: gmm_lib.gmm(lhs, rhs[:, :3], sizes), r"rhs must be \[G, K, N\] with K = .*4"),
       (lambda: gmm_lib.gmm(lhs, rhs, sizes.astype(jnp.float32)), r"group_sizes must be .*int"),
       (lambda: gmm_lib.gmm(lhs.astype(jnp.int32), rhs.astype(jnp.int32), sizes),

@@ -20,10 +20,16 @@ or `impl`:
           (groups, K-tiles, N-tiles). Also the CPU default, run with `interpret=True`.
   mosaic  TPU: scalar-prefetched visit lists (PrefetchScalarGridSpec), VMEM accumulator.
 On CPU (`jax.default_backend() == "cpu"`) kernels run in interpret mode: exact but slow
-(a Python-level grid turned into an XLA loop); CPU MoE should use dispatch backend
+(the grid becomes an XLA loop over tiles); CPU MoE should use dispatch backend
 "dropless_tiled". Status: both lowerings are verified in interpret mode and lower to the
 Triton / Mosaic custom call (tests/test_kernels.py), but neither has run on a GPU or TPU
-yet; the default tilings and Triton launch parameters are untuned.
+yet; the default tilings and Triton launch parameters are untuned, and the Triton grid
+visits M-tiles in plain order (no grouped/swizzled order for L2 reuse yet). jax 0.12 marks
+the Pallas Triton backend deprecated in favour of Mosaic GPU (a DeprecationWarning at
+lowering); a Mosaic GPU lowering would be a third module beside these two.
+Sharding: XLA cannot partition a Pallas custom call; under jit with sharded operands it
+gathers them and runs the kernel replicated (correct, not scalable). Across devices call
+gmm per shard inside shard_map, with group_offset selecting the shard's experts.
 
 Tiling (tm, tk, tn): rows, contraction and output columns per tile; defaults per platform
 in `DEFAULT_TILING`. A tile larger than its (padded) dimension shrinks to it; dimensions
@@ -109,6 +115,9 @@ def _config(tiling, impl, interpret, out_dtype) -> _Config:
                      f"interpret=True (or interpret=None) to run it in interpret mode")
   tiling = _check_tiling(DEFAULT_TILING.get(platform, DEFAULT_TILING["cpu"])
                          if tiling is None else tiling)
+  if jnp.dtype(out_dtype).name not in DTYPES:
+    raise ValueError(f"preferred_element_type={jnp.dtype(out_dtype).name} is not allowed; "
+                     f"allowed: {', '.join(DTYPES)}")
   return _Config(tiling, impl, bool(interpret), jnp.dtype(out_dtype).name)
 
 
@@ -286,9 +295,3 @@ def tgmm(lhs_MK: Array, grad_MN: Array, group_sizes_G: Array, *,
   g0 = _check_group_offset(group_offset, total, int(num_groups), "tgmm")
   cfg = _config(tiling, impl, interpret, preferred_element_type or lhs_MK.dtype)
   return _tgmm_call(lhs_MK, grad_MN, group_sizes_G.astype(jnp.int32), g0, int(num_groups), cfg)
-
-
-def gmm_flops(m: int, k: int, n: int) -> int:
-  """FLOPs of gmm or tgmm on M rows (each row is one K x N product): 2 M K N."""
-  return 2 * m * k * n
-
