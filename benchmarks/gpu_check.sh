@@ -59,7 +59,9 @@ LEFT=$(( BUDGET_S - ($(date +%s) - START) ))
 BENCH_BUDGET=$(( LEFT - 90 ))  # starts no new shape after this; the last one may overrun
 if [ "$BENCH_BUDGET" -lt 30 ]; then BENCH_BUDGET=30; fi
 T0=$(date +%s)
-timeout $(( LEFT > 40 ? LEFT - 10 : 30 )) "$PYTHON" benchmarks/gmm.py $QUICK \
+# The benchmark runs as training would: default allocator and matmul precision.
+timeout $(( LEFT > 40 ? LEFT - 10 : 30 )) env -u XLA_PYTHON_CLIENT_PREALLOCATE \
+  -u JAX_DEFAULT_MATMUL_PRECISION "$PYTHON" benchmarks/gmm.py $QUICK \
   --budget-s "$BENCH_BUDGET" --out "$OUT/gmm.json" 2>&1 | tee "$OUT/gpu_check_bench.log"
 BENCH_RC=${PIPESTATUS[0]}
 BENCH_WALL=$(( $(date +%s) - T0 ))
