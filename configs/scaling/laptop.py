@@ -1,9 +1,9 @@
 """The laptop scaling sweep: dense and MoE language models on the embedded corpus.
 
-Three widths (d_model 32 / 64 / 128, 3 layers, byte tokens, 128-token sequences, batch 8)
+Four widths (d_model 16 / 32 / 64 / 128, 3 layers, byte tokens, 128-token sequences, batch 8)
 trained at three compute budgets each, so every budget holds three model sizes (an
 isoFLOP profile) and every size sees three token counts (for the Chinchilla fit); and
-MoE versions of every width with 4 and 16 experts (GShard top-2, experts of width
+MoE versions of widths 32 / 64 / 128 with 4 and 16 experts (GShard top-2, experts of width
 d_ff / 2, so the active FLOPs equal the dense model's; E = 1 is the dense model) at the
 middle budget, for the routed law. Every point at a budget trains for the same steps as
 the dense model of its width, so budgets are equal in FLOPs up to the router (< 1%).
@@ -45,8 +45,8 @@ def size(c, width: int) -> None:
 
 
 def _size_overrides(width: int) -> dict:
-  return {"model.d_model": width, "model.num_heads": width // 16, "model.num_kv_heads":
-          width // 16, "model.head_dim": 16, "model.d_ff": 3 * width}
+  return {"model.d_model": width, "model.num_heads": max(1, width // 16), "model.num_kv_heads":
+          max(1, width // 16), "model.head_dim": 16, "model.d_ff": 3 * width}
 
 
 def train_flops_per_token(width: int, experts: int = 0) -> float:
@@ -99,4 +99,10 @@ def get_sweep(arg: str = ""):
     for w in WIDTHS:
       points.append({"name": f"moe{e}_w{w}_c1", **_size_overrides(w), **_moe_overrides(e, w),
                      **_train_overrides(_steps(mid, w))})
+  # Added after the first run showed width 32 winning every budget: a smaller width so
+  # that each isoFLOP profile brackets its minimum (appended, so the earlier points keep
+  # their indices and are not re-run).
+  for b, budget in enumerate(BUDGETS):
+    points.append({"name": f"dense_w16_c{b}", **_size_overrides(16),
+                   **_train_overrides(_steps(budget, 16))})
   return points
