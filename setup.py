@@ -31,6 +31,9 @@ setup(
             "pytest>=8.0",
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",
+            "nbformat>=5.9",  # tests/test_notebooks.py executes notebooks/ headless
+            "nbclient>=0.10",
+            "ipykernel>=6.29",
         ],
     },
     entry_points={
