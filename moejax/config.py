@@ -100,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   me.expert = 1  # expert parallel (and data parallel for the non-expert layers)
   me.rules = ()  # overrides of parallel.RULES: "logical=axis", "logical=a+b", "logical="
   me.expert_dispatch = "auto"  # auto | gspmd | all_to_all: how MoE tokens reach experts
+  # dropless backends with expert parallelism: auto (ragged on TPU/GPU, padded on CPU) |
+  # ragged (jax.lax.ragged_all_to_all, exact row counts) | padded (all_to_all of padded blocks)
+  me.ep_exchange = "auto"
 
   di = c.dist = ml_collections.ConfigDict()
   # Multi-host (moejax/distributed.py): explicit, from MOEJAX_* variables, or automatic.
@@ -520,6 +523,12 @@ def _validate_mesh(config) -> None:
   if sum(v == -1 for v in sizes.values()) > 1:
     _fail("mesh", sizes, "at most one axis may be -1")
   _choice(config, "mesh.expert_dispatch", ("auto", "gspmd", "all_to_all"))
+  _choice(config, "mesh.ep_exchange", ("auto", "ragged", "padded"))
+  if me.ep_exchange == "ragged":
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.default_backend() == "cpu":
+      _fail("mesh.ep_exchange", me.ep_exchange, "'auto' or 'padded' on CPU: XLA:CPU does not "
+            "implement ragged_all_to_all")
   if isinstance(me.rules, str) or not all(isinstance(r, str) and "=" in r for r in me.rules):
     _fail("mesh.rules", me.rules, "must be a tuple of 'logical_name=mesh_axis' strings")
   from moejax import parallel  # pylint: disable=g-import-not-at-top

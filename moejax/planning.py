@@ -16,8 +16,11 @@ shapes and the logical-axis rules:
     tensor    2 all-reduces of [tokens, D] per block in forward and 2 in backward:
               4 x 2 x A x (t - 1) / t per block
     expert    2 all-to-alls per MoE layer forward (dispatch, combine) and 2 backward,
-              each of the capacity-padded buffer E x C x D (what moejax sends):
-              4 x buffer x (ep - 1) / ep per MoE layer
+              each of the capacity-padded buffer E x C x D (what moejax sends for the
+              capacity backends): 4 x buffer x (ep - 1) / ep per MoE layer; for the
+              dropless backends (ragged_all_to_all) the buffer is the rows actually
+              sent, tokens x k x D, taken at balanced routing (skew changes who sends
+              how much, not the total), plus the int32 expert id of every row once
 Estimates, not measurements: they ignore overlap, latency and XLA's own choices; the
 all-to-all buffer size is checked against a compiled program in the tests.
 """
@@ -87,13 +90,18 @@ def plan(config: Any, sizes: dict[str, int] | None = None, vocab_size: int = 320
   dp_bytes = 2 * per_dev * 4 * (d - 1) / d
   act_bytes = tokens_dev * mc.d_model * cbytes
   tp_bytes = layers * 4 * 2 * act_bytes * (t - 1) / t
-  a2a_buffer = 0.0
+  a2a_buffer = ids_bytes = 0.0
   if mc.moe is not None and ep > 1:
     m = mc.moe
-    cf = m.capacity_factor
-    cap = max(m.min_capacity, math.ceil(cf * tokens_dev * m.k / m.num_experts))
-    a2a_buffer = m.num_experts * cap * mc.d_model * cbytes
-  ep_bytes = moe_layers * 4 * a2a_buffer * (ep - 1) / ep
+    from moejax.moe.dispatch import CAPACITY_BACKENDS  # pylint: disable=g-import-not-at-top
+    if m.backend in CAPACITY_BACKENDS:
+      cf = m.capacity_factor
+      cap = max(m.min_capacity, math.ceil(cf * tokens_dev * m.k / m.num_experts))
+      a2a_buffer = m.num_experts * cap * mc.d_model * cbytes
+    else:
+      a2a_buffer = tokens_dev * m.k * mc.d_model * cbytes
+      ids_bytes = tokens_dev * m.k * 4
+  ep_bytes = moe_layers * (4 * a2a_buffer + ids_bytes) * (ep - 1) / ep
   return {
       "mesh": sizes, "devices": n_dev, "total_params": total,
       "params_per_device": per_dev, "tokens_per_device": tokens_dev,

@@ -18,7 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moejax import parallel
 from moejax.config import base_config
 from moejax.moe.dispatch import moe_ffn
-from moejax.moe.expert_parallel import ep_moe_ffn, local_capacity, ragged_plan
+from moejax.moe import expert_parallel as ep_lib
+from moejax.moe.expert_parallel import ep_moe_ffn, ep_moe_ffn_dropless, local_capacity, ragged_plan
 from moejax.moe.routing import Routing
 
 D, F = 8, 16
@@ -209,7 +210,8 @@ def test_ragged_plan_offsets_match_a_simulated_exchange():
 def test_calculator_all_to_all_bytes_match_the_compiled_program():
   from moejax.planning import plan  # pylint: disable=g-import-not-at-top
   import re  # pylint: disable=g-import-not-at-top
-  hlo, _, c = compiled_moe_step(["mesh.data=2", "mesh.expert=4", "model.scan_layers=false"])
+  hlo, _, c = compiled_moe_step(["mesh.data=2", "mesh.expert=4", "model.scan_layers=false",
+                                 "model.moe.backend=capacity"])
   mesh = parallel.make_mesh(c.mesh)
   sizes = []  # bytes of each all-to-all's result (XLA:CPU returns a tuple of ep pieces)
   for line in hlo.splitlines():
@@ -222,3 +224,107 @@ def test_calculator_all_to_all_bytes_match_the_compiled_program():
   assert r["moe_layers"] == 2 and len(sizes) == 4 * r["moe_layers"]
   assert all(s == r["all_to_all_buffer_bytes"] for s in sizes), (sizes, r["all_to_all_buffer_bytes"])
   assert r["traffic_bytes_per_step"]["expert_all_to_all"] == pytest.approx(sum(sizes) * 3 / 4)
+
+
+# ------------------------------------------------------------------ dropless (exact) exchange
+
+
+def dropless_reference(x, experts, gates, w):
+  n, k = experts.shape
+  r = Routing(jnp.tile(jnp.arange(n), k), jnp.asarray(experts).T.reshape(-1),
+              jnp.asarray(gates).T.reshape(-1), {}, {}, w[0].shape[0], n)
+  return moe_ffn(jnp.asarray(x), r, *map(jnp.asarray, w), backend="reference")[0]
+
+
+def run_dropless(mesh, x, experts, gates, w, exchange="padded", grad=False):
+  axes = tuple(a for a in ("data", "fsdp", "expert") if mesh.shape[a] > 1)
+  tok = NamedSharding(mesh, P(axes, None))
+  wsh = NamedSharding(mesh, P("expert", None, None))
+  args = [jax.device_put(a, tok) for a in (x, experts, gates)] + [jax.device_put(a, wsh) for a in w]
+
+  def f(x, e, g, *w):
+    return ep_moe_ffn_dropless(x, e, g, *w, mesh=mesh, exchange=exchange)
+
+  if grad:  # d/d(x, gates, weights) of a fixed random projection of the output
+    proj = np.random.default_rng(9).standard_normal((x.shape[0], D)).astype(np.float32)
+    f = jax.grad(lambda x, e, g, *w, f=f: jnp.sum(f(x, e, g, *w)[0] * proj),
+                 argnums=(0, 2, 3, 4, 5))
+  with jax.set_mesh(mesh):
+    return jax.jit(f)(*args), jax.jit(f).lower(*args)
+
+
+@pytest.mark.parametrize("sizes,kind,e,k", [
+    (dict(data=2, expert=4), "random", 8, 2), (dict(data=2, expert=4), "one_expert", 8, 2),
+    (dict(data=2, expert=4), "k_eq_e", 8, 8), (dict(expert=8), "empty_experts", 8, 2),
+    (dict(expert=8), "random", 16, 3)])
+def test_dropless_exchange_equals_single_device_dropless(sizes, kind, e, k):
+  """Every assignment is computed, wherever its expert lives, however skewed the routing."""
+  x, experts, gates, w = case(32, e, k, kind, seed=e + k)
+  (y, dropped), _ = run_dropless(mesh_of(**sizes), x, experts, gates, w)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(dropless_reference(x, experts, gates, w)),
+                             atol=2e-5, rtol=1e-5)
+  assert not np.asarray(dropped).any()
+
+
+def test_dropless_exchange_gradients_equal_the_reference():
+  x, experts, gates, w = case(32, 8, 2, "one_expert", seed=3)
+  got, _ = run_dropless(mesh_of(data=2, expert=4), x, experts, gates, w, grad=True)
+  proj = np.random.default_rng(9).standard_normal((32, D)).astype(np.float32)
+  ref = jax.grad(lambda x, g, *w: jnp.sum(dropless_reference(x, experts, g, w) * proj),
+                 argnums=(0, 1, 2, 3, 4))(x, gates, *w)
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=1e-4)
+
+
+def test_padded_exchange_has_ragged_all_to_all_semantics():
+  """The padded exchange against a numpy statement of ragged_all_to_all: device t's output
+  rows output_offsets[s, t] .. + send_sizes[s, t] hold source s's rows input_offsets[s, t]
+  .. + send_sizes[s, t]; offsets from `ragged_plan` on random skewed routings."""
+  ep, rows = 8, 12
+  mesh = mesh_of(expert=ep)
+  rng = np.random.default_rng(0)
+  probs = [0.4, 0.2, 0.15, 0.1, 0.1, 0.05, 0.0, 0.0]
+  dest = [np.sort(rng.choice(ep, rows, p=probs)) for _ in range(ep)]
+  plan = ragged_plan(np.stack(dest)[:, :, None] * 2, 2 * ep, ep)  # 2 experts per device
+  data = rng.standard_normal((ep, rows, 3)).astype(np.float32)
+  out_rows = ep * rows
+  expect = np.zeros((ep, out_rows, 3), np.float32)
+  for s in range(ep):
+    for t in range(ep):
+      n, i0, o0 = (plan[k][s, t] for k in ("send_sizes", "input_offsets", "output_offsets"))
+      expect[t, o0:o0 + n] = data[s, i0:i0 + n]
+  spec = P("expert")
+
+  def f(d, io, ss, oo, rs):
+    return ep_lib._padded_exchange(d[0], io[0], ss[0], oo[0], rs[0], out_rows, rows)[None]
+
+  args = [data] + [plan[k].astype(np.int32) for k in
+                   ("input_offsets", "send_sizes", "output_offsets")] + [
+                       plan["recv_sizes"].astype(np.int32)]
+  args = [jax.device_put(a, NamedSharding(mesh, spec)) for a in args]
+  got = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec))(*args)
+  np.testing.assert_array_equal(np.asarray(got), expect)
+  assert plan["send_sizes"][:, 7].sum() == 0  # an empty destination is covered
+
+
+def test_ragged_exchange_lowers_to_ragged_all_to_all():
+  """XLA:CPU cannot run ragged_all_to_all, but the path must trace and lower (forward and
+  backward) to the collective, with the same offsets the padded exchange is tested with."""
+  x, experts, gates, w = case(32, 8, 2, "random")
+  mesh = mesh_of(data=2, expert=4)
+  axes = ("data", "expert")
+  tok = NamedSharding(mesh, P(axes, None))
+  wsh = NamedSharding(mesh, P("expert", None, None))
+  args = [jax.device_put(a, tok) for a in (x, experts, gates)] + [jax.device_put(a, wsh) for a in w]
+  f = lambda x, e, g, *w: jnp.sum(ep_moe_ffn_dropless(x, e, g, *w, mesh=mesh,
+                                                      exchange="ragged")[0])
+  with jax.set_mesh(mesh):
+    fwd = jax.jit(f).lower(*args).as_text()
+    bwd = jax.jit(jax.grad(f, argnums=(0, 3))).lower(*args).as_text()
+  assert fwd.count("ragged_all_to_all") >= 3  # rows, expert ids, results back
+  # rows and ids forward, then the transposes of the two row exchanges (the combine
+  # exchange's forward value is not needed for the gradient)
+  assert bwd.count("ragged_all_to_all") >= 4
+  assert ep_lib.resolve_exchange("auto") == "padded"  # this CPU
+  with pytest.raises(ValueError, match="allowed: auto, ragged, padded"):
+    ep_lib.resolve_exchange("rdma")

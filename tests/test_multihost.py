@@ -66,13 +66,23 @@ def final_state(workdir, steps):
   return payload, int(meta["step"])
 
 
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process_across_a_resume(tmp_path):
+  """The 2-process run stops at step 4 (a NaN, identical on both processes, so both stop
+  with the step-2 checkpoint), restarts and resumes (parameters, optimizer, per-process
+  data-iterator state) to step 5: it must still match one uninterrupted process."""
   single = launch(tmp_path / "single", 5)
   out, _ = single.communicate(timeout=300)
   assert single.returncode == 0, out[-2000:]
   port = free_port()
+  crash = ["--config.train.checkpoint_every=2", "--config.train.debug_nan_step=4"]
+  procs = [launch(tmp_path / "multi", 5, i, port, crash) for i in (0, 1)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode != 0 for p in procs), outs[0][-2000:]
+  assert "step 4" in outs[0], outs[0][-2000:]
+  port = free_port()
   procs = [launch(tmp_path / "multi", 5, i, port) for i in (0, 1)]
   outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert "resumed from checkpoint at step 2" in outs[0], outs[0][-2000:]
   for p, o in zip(procs, outs):
     assert p.returncode == 0, o[-3000:]
   assert "completed at step 5/5" in outs[0]

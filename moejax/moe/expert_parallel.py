@@ -15,8 +15,24 @@ C = max(min_capacity, ceil(capacity_factor * local assignments / E)): static sha
 it runs on every backend, CPU included. The result equals the `capacity` backend applied
 to each device's tokens separately (tested), and with nothing dropped equals dropless
 dispatch. Expert weights stay put: the compiled step has all-to-alls, no all-gather of
-expert weights (tested). A dropless variant would exchange exact counts with
-`jax.lax.ragged_all_to_all` (TPU/GPU only); `ragged_plan` computes its offsets and sizes.
+expert weights (tested).
+
+Dropless (`ep_moe_ffn_dropless`, used when model.moe.backend is a dropless one): every
+assignment is computed. Each device sorts its assignments by expert (so by destination
+device), exchanges the per-destination counts (an all_gather of the [ep] send sizes gives
+every device the [ep, ep] matrix S[source, dest]), and sends exactly S[me, t] rows to
+device t; rows from source s land at offset sum_{s' < s} S[s', me] of the receive buffer.
+The receiver runs its local experts on the received rows with `jax.lax.ragged_dot`
+(grouped by local expert) and the results return the same way in reverse. The receive
+buffer must hold the worst case (every device sends all its rows here): ep * A_local rows.
+Two exchanges implement the same contract (`EXCHANGES`):
+  ragged   `jax.lax.ragged_all_to_all`: moves only the real rows. TPU/GPU; XLA:CPU does not
+           implement the collective, so on this machine it is only lowered (tested).
+  padded   `jax.lax.all_to_all` of [ep, A_local] row blocks (each destination's rows
+           padded to A_local), then compacted into the ragged layout: the same result
+           at ep x the bytes. Runs everywhere; it is what CPU meshes use and what the
+           tests compare against the single-device dropless reference.
+`ragged_plan` is the host-side (numpy) statement of the offset arithmetic.
 """
 
 from __future__ import annotations
@@ -30,6 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
 BATCH_AXES = ("data", "fsdp", "expert")
+EXCHANGES = ("auto", "ragged", "padded")
 
 
 def local_capacity(tokens_local: int, k: int, num_experts: int, capacity_factor: float,
@@ -112,3 +129,116 @@ def ragged_plan(expert_NK: np.ndarray, num_experts: int, ep: int) -> dict[str, n
     output_offsets[:, t] = np.concatenate([[0], np.cumsum(send[:, t])[:-1]])
   return {"send_sizes": send, "input_offsets": input_offsets,
           "output_offsets": output_offsets, "recv_sizes": recv}
+
+
+# ----------------------------------------------------------------------------- dropless
+
+
+def resolve_exchange(exchange: str) -> str:
+  """"auto" -> "ragged" on TPU/GPU, "padded" on CPU (XLA:CPU lacks ragged_all_to_all)."""
+  if exchange not in EXCHANGES:
+    raise ValueError(f"expert-parallel exchange {exchange!r} is unknown; allowed: "
+                     f"{', '.join(EXCHANGES)}")
+  if exchange == "auto":
+    return "padded" if jax.default_backend() == "cpu" else "ragged"
+  return exchange
+
+
+def _exclusive_cumsum(v: Array, axis: int = -1) -> Array:
+  return jnp.cumsum(v, axis=axis) - v
+
+
+def _ragged_exchange(rows: Array, input_offsets: Array, send_sizes: Array,
+                     output_offsets: Array, recv_sizes: Array, out_rows: int,
+                     max_send: int) -> Array:
+  del max_send
+  out = jnp.zeros((out_rows,) + rows.shape[1:], rows.dtype)
+  return jax.lax.ragged_all_to_all(rows, out, input_offsets, send_sizes, output_offsets,
+                                   recv_sizes, axis_name="expert")
+
+
+def _padded_exchange(rows: Array, input_offsets: Array, send_sizes: Array,
+                     output_offsets: Array, recv_sizes: Array, out_rows: int,
+                     max_send: int) -> Array:
+  """ragged_all_to_all's result built from a dense all_to_all of row blocks padded to
+  `max_send` (the most rows one device can send to one other).
+
+  `output_offsets` (where the receiver puts this device's rows) is implied here: the
+  receiver packs sources in order, at the exclusive cumsum of its recv_sizes, which is
+  what the ragged caller computes too.
+  """
+  del output_offsets
+  ep = send_sizes.shape[0]
+  block = max_send
+  j = jnp.arange(block, dtype=jnp.int32)
+  src = input_offsets[:, None] + j[None]  # [ep, block]
+  valid = j[None] < send_sizes[:, None]
+  send = jnp.take(rows, jnp.where(valid, src, rows.shape[0]), axis=0, mode="fill",
+                  fill_value=0)  # [ep (dest), block, ...]
+  got = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)  # [ep (source), block, ...]
+  dest = jnp.where(j[None] < recv_sizes[:, None],
+                   _exclusive_cumsum(recv_sizes)[:, None] + j[None], out_rows)
+  out = jnp.zeros((out_rows,) + rows.shape[1:], rows.dtype)
+  return out.at[dest.reshape(-1)].set(got.reshape((ep * block,) + rows.shape[1:]), mode="drop")
+
+
+_EXCHANGE_FNS = {"ragged": _ragged_exchange, "padded": _padded_exchange}
+
+
+def ep_moe_ffn_dropless(x_ND: Array, expert_NK: Array, gate_NK: Array, w_gate_EDF: Array,
+                        w_up_EDF: Array, w_down_EFD: Array, *, mesh,
+                        exchange: str = "auto") -> tuple[Array, Array]:
+  """(y [N, D], dropped [N, K] = all False): every assignment reaches its expert's device.
+
+  Equals single-device dropless dispatch (tested with the padded exchange on CPU).
+  """
+  ep = mesh.shape["expert"]
+  e = w_gate_EDF.shape[0]
+  if e % ep:
+    raise ValueError(f"{e} experts do not split over mesh axis 'expert' of size {ep}")
+  e_local = e // ep
+  n, k = expert_NK.shape
+  axes = mesh_batch_axes(mesh)
+  shards = math.prod(mesh.shape[a] for a in axes)
+  if n % shards:
+    raise ValueError(f"{n} tokens do not split over the batch axes {axes} ({shards} shards)")
+  move = _EXCHANGE_FNS[resolve_exchange(exchange)]
+  tok = P(axes if axes else None, None)
+  wspec = P("expert", None, None)
+
+  def local(x, e_nk, g_nk, wg, wu, wd):
+    nl = x.shape[0]
+    a = nl * k
+    e_a, g_a = e_nk.reshape(-1), g_nk.reshape(-1)
+    t_a = jnp.repeat(jnp.arange(nl, dtype=jnp.int32), k)
+    order = jnp.argsort(e_a, stable=True)  # by expert, hence by destination device
+    e_s = e_a[order]
+    send_sizes = jnp.zeros((ep,), jnp.int32).at[e_s // e_local].add(1)
+    input_offsets = _exclusive_cumsum(send_sizes)
+    sizes = jax.lax.all_gather(send_sizes, "expert")  # S[source, dest]
+    me = jax.lax.axis_index("expert")
+    recv_sizes = sizes[:, me]
+    output_offsets = _exclusive_cumsum(sizes, axis=0)[me]  # in each receiver's buffer
+    cap = ep * a  # worst case: every device sends all its rows here
+    rows = move(x[t_a[order]], input_offsets, send_sizes, output_offsets, recv_sizes, cap, a)
+    ids = move((e_s % e_local)[:, None], input_offsets, send_sizes, output_offsets,
+               recv_sizes, cap, a)[:, 0]
+    total = jnp.sum(recv_sizes)
+    ids = jnp.where(jnp.arange(cap) < total, ids, e_local)  # unused rows sort last
+    lorder = jnp.argsort(ids, stable=True)
+    group = jnp.zeros((e_local,), jnp.int32).at[ids].add(1, mode="drop")
+    xs = rows[lorder]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, wg, group)) * jax.lax.ragged_dot(xs, wu, group)
+    out_s = jax.lax.ragged_dot(h, wd, group)
+    out = jnp.zeros_like(out_s).at[lorder].set(out_s)
+    # back: rows from source s sit at recv offset s; they return to s's send position
+    back = move(out, _exclusive_cumsum(recv_sizes), recv_sizes,
+                _exclusive_cumsum(sizes, axis=1)[:, me], send_sizes, a, a)
+    y_a = jnp.zeros_like(back).at[order].set(back)  # assignment order again
+    w = g_a.astype(jnp.float32)[:, None]
+    y = jnp.zeros((nl, x.shape[1]), jnp.float32).at[t_a].add(y_a.astype(jnp.float32) * w)
+    return y.astype(x.dtype), jnp.zeros((nl, k), bool)
+
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, wspec, wspec, wspec),
+                     out_specs=(tok, tok))
+  return fn(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_EDF, w_down_EFD)

@@ -48,6 +48,7 @@ class MoEConfig:
   moe_every: int = 1
   first_dense: int = 0
   expert_dispatch: str = "gspmd"  # config.mesh.expert_dispatch: auto | gspmd | all_to_all
+  ep_exchange: str = "auto"  # config.mesh.ep_exchange: dropless expert-parallel exchange
 
   @classmethod
   def from_config(cls, e: Any, d_ff: int) -> "MoEConfig | None":
@@ -127,16 +128,20 @@ class MoEFFN(nn.Module):
                       (e, d, f), self.param_dtype)
     w_down = self.param("down", param_init(self.out_std, ("expert", "expert_mlp", "embed")),
                         (e, f, d), self.param_dtype)
-    from moejax.moe.dispatch import expert_capacity, moe_ffn  # pylint: disable=g-import-not-at-top
+    from moejax.moe.dispatch import CAPACITY_BACKENDS, expert_capacity, moe_ffn  # pylint: disable=g-import-not-at-top
     mesh = _expert_mesh() if c.expert_dispatch != "gspmd" else None
     if mesh is not None and c.router != "expert_choice":
-      # expert parallel: tokens go to the experts' devices by all_to_all (shard_map)
-      from moejax.moe.expert_parallel import ep_moe_ffn  # pylint: disable=g-import-not-at-top
+      # expert parallel: tokens go to the experts' devices (shard_map), capacity-padded
+      # for the capacity backends, exact (dropless) for the others
+      from moejax.moe import expert_parallel as ep_lib  # pylint: disable=g-import-not-at-top
       k = r.expert_A.shape[0] // n
-      y_ND, dropped_NK = ep_moe_ffn(
-          x_ND, r.expert_A.reshape(k, n).T, r.gate_A.reshape(k, n).T,
-          w_gate.astype(self.dtype), w_up.astype(self.dtype), w_down.astype(self.dtype),
-          mesh=mesh, capacity_factor=cf, min_capacity=c.min_capacity)
+      args = (x_ND, r.expert_A.reshape(k, n).T, r.gate_A.reshape(k, n).T,
+              w_gate.astype(self.dtype), w_up.astype(self.dtype), w_down.astype(self.dtype))
+      if c.backend in CAPACITY_BACKENDS:
+        y_ND, dropped_NK = ep_lib.ep_moe_ffn(*args, mesh=mesh, capacity_factor=cf,
+                                             min_capacity=c.min_capacity)
+      else:
+        y_ND, dropped_NK = ep_lib.ep_moe_ffn_dropless(*args, mesh=mesh, exchange=c.ep_exchange)
       dropped_A = dropped_NK.T.reshape(-1)
     else:
       capacity = expert_capacity(r.token_A.shape[0], e, cf, c.min_capacity)

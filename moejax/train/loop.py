@@ -56,7 +56,8 @@ def build_model(config, vocab_size: int) -> tuple[LM, LMConfig]:
   if mc.moe is not None and mesh_cfg is not None:
     mode = mesh_cfg.expert_dispatch
     mode = "all_to_all" if mode == "auto" else mode  # used only when the mesh has experts
-    mc = dataclasses.replace(mc, moe=dataclasses.replace(mc.moe, expert_dispatch=mode))
+    mc = dataclasses.replace(mc, moe=dataclasses.replace(
+        mc.moe, expert_dispatch=mode, ep_exchange=mesh_cfg.get("ep_exchange", "auto")))
   return LM(mc), mc
 
 
