@@ -58,6 +58,20 @@ def mesh_batch_axes(mesh) -> tuple[str, ...]:
   return tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
 
 
+def _layout(mesh, num_experts: int, num_tokens: int):
+  """(ep, E, E_local, token shards, token spec, expert-weight spec), checked."""
+  ep = mesh.shape["expert"]
+  if num_experts % ep:
+    raise ValueError(f"{num_experts} experts do not split over mesh axis 'expert' of size {ep}")
+  axes = mesh_batch_axes(mesh)
+  shards = math.prod(mesh.shape[a] for a in axes)
+  if num_tokens % shards:
+    raise ValueError(f"{num_tokens} tokens do not split over the batch axes {axes} "
+                     f"({shards} shards)")
+  return (ep, num_experts, num_experts // ep, shards, P(axes if axes else None, None),
+          P("expert", None, None))
+
+
 def ep_moe_ffn(x_ND: Array, expert_NK: Array, gate_NK: Array, w_gate_EDF: Array,
                w_up_EDF: Array, w_down_EFD: Array, *, mesh, capacity_factor: float,
                min_capacity: int = 1) -> tuple[Array, Array]:
@@ -66,20 +80,10 @@ def ep_moe_ffn(x_ND: Array, expert_NK: Array, gate_NK: Array, w_gate_EDF: Array,
   `mesh`: the (abstract or concrete) mesh of the surrounding jit; N must split over its
   batch axes and E over "expert".
   """
-  ep = mesh.shape["expert"]
-  e = w_gate_EDF.shape[0]
-  if e % ep:
-    raise ValueError(f"{e} experts do not split over mesh axis 'expert' of size {ep}")
-  e_local = e // ep
+  ep, e, e_local, shards, tok, wspec = _layout(mesh, w_gate_EDF.shape[0], expert_NK.shape[0])
   n, k = expert_NK.shape
   d = x_ND.shape[-1]
-  axes = mesh_batch_axes(mesh)
-  shards = math.prod(mesh.shape[a] for a in axes)
-  if n % shards:
-    raise ValueError(f"{n} tokens do not split over the batch axes {axes} ({shards} shards)")
   cap = local_capacity(n // shards, k, e, capacity_factor, min_capacity)
-  tok = P(axes if axes else None, None)
-  wspec = P("expert", None, None)
 
   def local(x, e_nk, g_nk, wg, wu, wd):
     nl = x.shape[0]
@@ -192,19 +196,9 @@ def ep_moe_ffn_dropless(x_ND: Array, expert_NK: Array, gate_NK: Array, w_gate_ED
 
   Equals single-device dropless dispatch (tested with the padded exchange on CPU).
   """
-  ep = mesh.shape["expert"]
-  e = w_gate_EDF.shape[0]
-  if e % ep:
-    raise ValueError(f"{e} experts do not split over mesh axis 'expert' of size {ep}")
-  e_local = e // ep
-  n, k = expert_NK.shape
-  axes = mesh_batch_axes(mesh)
-  shards = math.prod(mesh.shape[a] for a in axes)
-  if n % shards:
-    raise ValueError(f"{n} tokens do not split over the batch axes {axes} ({shards} shards)")
+  ep, _, e_local, _, tok, wspec = _layout(mesh, w_gate_EDF.shape[0], expert_NK.shape[0])
+  k = expert_NK.shape[1]
   move = _EXCHANGE_FNS[resolve_exchange(exchange)]
-  tok = P(axes if axes else None, None)
-  wspec = P("expert", None, None)
 
   def local(x, e_nk, g_nk, wg, wu, wd):
     nl = x.shape[0]
