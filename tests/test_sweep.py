@@ -149,3 +149,10 @@ def test_laptop_sweep_declares_the_issue_grid():
       steps_by_width.setdefault(p["model.d_model"], set()).add(p["train.num_steps"])
   assert len(widths) >= 3 and {0, 4, 16} <= experts
   assert all(len(s) >= 2 for s in steps_by_width.values())  # 2+ token budgets per size
+
+
+@pytest.mark.parametrize("study", ["capacity_factor", "fine_grained", "loss_free"])
+def test_reproduction_sweeps_are_valid(study):
+  """The reproduction studies' sweeps load and every point validates (nothing runs)."""
+  pts = sweep.load_sweep(os.path.join(ROOT, "experiments", study, "config.py"))
+  assert len(pts) >= 3 and len({sweep.label(i, p) for i, p in enumerate(pts)}) == len(pts)
