@@ -5,7 +5,8 @@ The DeepSeek-style tiny model (configs/moe/deepseek.py: 32 fine-grained experts 
   loss_free   selection bias b_i += 1e-3 * sign(mean load - load_i) after every step, no
               balance loss;
   aux_loss    Switch balance loss alpha = 0.01, no bias;
-  none        neither.
+  none        neither;
+  loss_free_fast  the bias at 10x the rate (1e-2).
     python experiments/loss_free/run.py
 """
 
@@ -31,4 +32,8 @@ def get_sweep(arg: str = ""):
       {"name": "aux_loss", "model.moe.bias_update_rate": 0.0,
        "model.moe.load_balance_coef": 0.01},
       {"name": "none", "model.moe.bias_update_rate": 0.0, "model.moe.load_balance_coef": 0.0},
+      # added after the first three: is 1e-3 (the paper's rate, for ~100k steps) too slow
+      # for a 600-step run?
+      {"name": "loss_free_fast", "model.moe.bias_update_rate": 1e-2,
+       "model.moe.load_balance_coef": 0.0},
   ]
