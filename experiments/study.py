@@ -61,10 +61,6 @@ def save(study_dir: str, rows: list[dict], lines: list[str]) -> None:
   print("\n".join(lines), flush=True)
 
 
-def bpb(r: dict) -> float:
-  return r["final_val_bpb"]
-
-
 def pyplot():
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")

@@ -53,7 +53,8 @@ def main() -> None:
   from moejax.models.lm import LM, param_count  # pylint: disable=g-import-not-at-top
   from moejax.recursion import relaxed  # pylint: disable=g-import-not-at-top
   from moejax.recursion.sharing import RecursionConfig  # pylint: disable=g-import-not-at-top
-  from moejax.train.steps import TrainState, cross_entropy, make_train_step  # pylint: disable=g-import-not-at-top
+  from moejax.train.loop import evaluate as run_eval  # pylint: disable=g-import-not-at-top
+  from moejax.train.steps import TrainState, make_eval_step, make_train_step  # pylint: disable=g-import-not-at-top
 
   config, _, mc, params, step, _ = load_run(a.vanilla)
   data = build_data(config.data, seed=config.seed, verbose=False)
@@ -61,18 +62,7 @@ def main() -> None:
   bpt = data.info.get("val_bytes_per_token", 1.0)
 
   def evaluate(cfg, prm) -> float:
-    model = LM(cfg)
-
-    @jax.jit
-    def run(p_, inputs, targets):
-      total, count = cross_entropy(model.apply({"params": p_}, inputs), targets)
-      return total, count
-
-    tot = cnt = 0.0
-    for b in val:
-      t, c = run(prm, b["inputs"], b["targets"])
-      tot, cnt = tot + float(t), cnt + float(c)
-    return tot / cnt
+    return run_eval(jax.jit(make_eval_step(LM(cfg))), prm, {}, val, bpt)["loss"]
 
   def uptrain(cfg, prm):
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(
@@ -119,9 +109,9 @@ def main() -> None:
     json.dump({"vanilla_run": os.path.relpath(a.vanilla, ROOT), "vanilla_steps": step,
                "uptrain_steps": a.uptrain_steps, "val_batches": a.val_batches,
                "wall_s": time.time() - t0, "rows": rows}, f, indent=1)
+  after = f"; after {a.uptrain_steps} more steps {untied_up:.4f}" if untied_up else ""
   lines = [f"Untied 6-layer model: val loss {untied_loss:.4f} nats/byte-token "
-           f"({untied_loss / np.log(2) / bpt:.3f} bits/byte); after {a.uptrain_steps} more "
-           f"steps {untied_up:.4f}.", "",
+           f"({untied_loss / np.log(2) / bpt:.3f} bits/byte){after}.", "",
            "| init | LoRA rank | params | LoRA rel. error | val loss at conversion | gap | "
            f"after {a.uptrain_steps} steps | gap |", "|---|---|---|---|---|---|---|---|"]
   for r in rows[1:]:

@@ -93,7 +93,6 @@ def main() -> None:
 
   mid = [r for r in rows if _budget(r["name"]) == 1]
   if len({r["num_experts"] for r in mid}) >= 2:
-    nr = np.array([r["active_params"] for r in mid], float)
     er = np.array([r["num_experts"] for r in mid], float)
     lr = np.array([r["final_val_loss"] for r in mid], float)
     # group by the dense width so N is identical across expert counts of one width
