@@ -15,9 +15,14 @@ from typing import Any, Sequence
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-  """A config value that is not allowed. The message names field, value, allowed."""
+from moejax.configlib import ConfigError  # noqa: F401 (re-exported: moejax.config.ConfigError)
+from moejax.configlib import choice as _choice
+from moejax.configlib import fail as _fail
+from moejax.configlib import float_range as _float_range
+from moejax.configlib import nonneg_int as _nonneg_int
+from moejax.configlib import pos_int as _pos_int
+from moejax.moe import config as moe_config
+from moejax.recursion import config as recursion_config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -44,53 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02
   m.logits_soft_cap = 0.0  # 0 disables
 
-  e = m.moe = ml_collections.ConfigDict()
-  e.num_experts = 0  # routed experts before fine-grained segmentation; 0 = dense model
-  e.experts_per_token = 2  # k before segmentation
-  e.granularity = 1  # m: m*N experts of width expert_d_ff/m, m*k active (DeepSeekMoE)
-  e.expert_d_ff = 0  # width of one unsegmented expert; 0 -> model.d_ff
-  e.num_shared_experts = 0  # K_s shared experts (segmented width), see every token
-  e.router = "topk"  # topk | deepseek | expert_choice | hash
-  e.renormalize = True  # topk: renormalise the k chosen probabilities
-  e.jitter = 0.0  # topk: multiplicative input noise in training (Switch)
-  e.route_scale = 1.0  # deepseek
-  e.n_groups = 1  # deepseek group-limited routing
-  e.topk_groups = 1
-  e.bias_update_rate = 0.0  # deepseek aux-loss-free balancing (gamma); 0 = off
-  e.load_balance_coef = 0.01  # Switch loss alpha
-  e.z_loss_coef = 1e-3  # ST-MoE router z-loss beta
-  e.seq_balance_coef = 0.0  # DeepSeek sequence-wise balance loss
-  e.backend = "dropless"  # reference | capacity | dropless | dropless_* variants
-  e.capacity_factor = 1.25  # capacity backend (training) / expert choice
-  e.eval_capacity_factor = 2.0  # capacity backend at evaluation
-  e.min_capacity = 4
-  e.moe_every = 1  # MoE FFN every n-th layer (after the first dense ones)
-  e.first_dense = 0  # the first k layers keep a dense FFN
-  e.allow_noncausal = False  # must be True to use expert_choice in a causal LM
-
-  r = m.recursion = ml_collections.ConfigDict()
-  # L = model.num_layers effective layers from U unique layers looped R = num_loops times.
-  r.strategy = "none"  # none | cycle | sequence | middle_cycle | middle_sequence
-  r.num_loops = 1  # R; >= 2 with a strategy
-  r.unshared_norms = False  # WideNet: each loop keeps its own RMSNorm scales
-  r.lora_rank = 0  # relaxed recursion: per-loop LoRA on attention and dense FFN; 0 = off
-  r.lora_alpha = 0.0  # LoRA scale alpha / rank; 0 -> alpha = rank (scale 1)
-  r.router = "none"  # Mixture-of-Recursions: none | expert | token
-  r.capacities = ()  # per-step kept fraction, e.g. (1.0, 0.67, 0.33); () = all 1.0
-  r.gate = "sigmoid"  # sigmoid | tanh | none: the router weight on a step's update
-  r.gate_alpha = 1.0
-  r.aux = "bce"  # expert: bce (router learns top-k membership) | causal_router
-  r.aux_coef = 0.1
-  r.threshold = 0.5  # expert, inference: a token goes on while its router prob > threshold
-  r.eval_routing = "threshold"  # expert, eval: threshold (causal) | topk (non-causal)
-  r.balance = "loss"  # token: loss | bias (loss-free) | none
-  r.balance_coef = 0.01
-  r.bias_update_rate = 1e-3
-  r.z_loss_coef = 1e-3  # token router z-loss
-  r.dispatch = "gather"  # gather (kept tokens only: saves compute) | mask (reference)
-  r.kv_sharing = False  # every step attends to the first recursion's K/V
-  r.eval_loops = 0  # inference depth: run only this many loops (0 = num_loops)
-  r.kv_cache_fractions = ()  # decoding: slots per step as a fraction of max_seq_len; () = 1.0
+  m.moe = moe_config.defaults()
+  m.recursion = recursion_config.defaults()
 
   me = c.mesh = ml_collections.ConfigDict()
   # Device mesh axis sizes; one may be -1 (= the remaining devices). See moejax/parallel.py.
@@ -240,44 +200,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 
 
-def _fail(field: str, value: Any, allowed: str):
-  raise ConfigError(f"config.{field} = {value!r} is not allowed: {allowed}")
 
 
-def _pos_int(c, field):
-  v = _get(c, field)
-  if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-    _fail(field, v, "must be a positive integer")
 
 
-def _nonneg_int(c, field):
-  v = _get(c, field)
-  if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-    _fail(field, v, "must be an integer >= 0")
-
-
-def _get(c, field):
-  node = c
-  for p in field.split("."):
-    node = node[p]
-  return node
-
-
-def _choice(c, field, allowed):
-  v = _get(c, field)
-  if v not in allowed:
-    _fail(field, v, f"must be one of {list(allowed)}")
-
-
-def _float_range(c, field, lo, hi, lo_open=False, hi_open=False):
-  v = _get(c, field)
-  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-    _fail(field, v, "must be a finite number")
-  bad = (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi)
-  if bad:
-    lb = "(" if lo_open else "["
-    rb = ")" if hi_open else "]"
-    _fail(field, v, f"must lie in {lb}{lo}, {hi}{rb}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -307,8 +233,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not isinstance(m.scan_layers, bool):
     _fail("model.scan_layers", m.scan_layers, "must be True or False")
 
-  _validate_moe(config)
-  _validate_recursion(config)
+  moe_config.validate(config)
+  recursion_config.validate(config)
   _validate_mesh(config)
   _validate_dist(config)
 
@@ -374,143 +300,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail(f"train.{f}", t[f], "must be True or False")
 
 
-MOE_ROUTERS = ("topk", "deepseek", "expert_choice", "hash")
-
-
-def _validate_moe(config) -> None:
-  m, e = config.model, config.model.moe
-  _nonneg_int(config, "model.moe.num_experts")
-  if not e.num_experts:
-    return
-  from moejax.moe.dispatch import BACKENDS  # light module, no compilation
-  for f in ("experts_per_token", "granularity", "moe_every", "min_capacity"):
-    _pos_int(config, f"model.moe.{f}")
-  for f in ("expert_d_ff", "num_shared_experts", "first_dense", "n_groups", "topk_groups"):
-    _nonneg_int(config, f"model.moe.{f}")
-  _choice(config, "model.moe.router", MOE_ROUTERS)
-  _choice(config, "model.moe.backend", BACKENDS)
-  if e.experts_per_token > e.num_experts:
-    _fail("model.moe.experts_per_token", e.experts_per_token,
-          f"must be <= model.moe.num_experts={e.num_experts}")
-  if e.experts_per_token * e.granularity - e.num_shared_experts < 1:
-    _fail("model.moe.num_shared_experts", e.num_shared_experts,
-          "must be < experts_per_token * granularity (each shared expert replaces one "
-          "routed segment, DeepSeekMoE-style)")
-  width = e.expert_d_ff or m.d_ff
-  if width % e.granularity:
-    _fail("model.moe.granularity", e.granularity,
-          f"must divide the expert width {width} (model.moe.expert_d_ff or model.d_ff)")
-  if e.first_dense >= m.num_layers:
-    _fail("model.moe.first_dense", e.first_dense, f"must be < model.num_layers={m.num_layers}")
-  if (m.num_layers - e.first_dense) % e.moe_every:
-    _fail("model.moe.moe_every", e.moe_every,
-          f"must divide model.num_layers - model.moe.first_dense = "
-          f"{m.num_layers - e.first_dense}")
-  n_exp = e.num_experts * e.granularity
-  if e.router == "deepseek" and e.n_groups > 1:
-    if n_exp % e.n_groups:
-      _fail("model.moe.n_groups", e.n_groups,
-            f"must divide the number of (segmented) experts {n_exp}")
-    if not 1 <= e.topk_groups <= e.n_groups:
-      _fail("model.moe.topk_groups", e.topk_groups, f"must lie in [1, n_groups={e.n_groups}]")
-    if e.topk_groups * (n_exp // e.n_groups) < e.experts_per_token * e.granularity - e.num_shared_experts:
-      _fail("model.moe.topk_groups", e.topk_groups,
-            "the kept groups must hold at least k (segmented) experts")
-  if e.router == "expert_choice" and not e.allow_noncausal:
-    _fail("model.moe.router", e.router,
-          "expert choice looks at every token of a sequence, so it leaks the future in a "
-          "causal LM; set model.moe.allow_noncausal=True to use it for encoder-style analysis")
-  if e.router == "hash" and e.experts_per_token != 1:
-    _fail("model.moe.experts_per_token", e.experts_per_token, "hash routing uses exactly 1")
-  if e.bias_update_rate and e.router != "deepseek":
-    _fail("model.moe.bias_update_rate", e.bias_update_rate,
-          "aux-loss-free bias balancing needs model.moe.router='deepseek'")
-  for f in ("jitter",):
-    _float_range(config, f"model.moe.{f}", 0, 1, hi_open=True)
-  for f in ("route_scale", "capacity_factor", "eval_capacity_factor"):
-    _float_range(config, f"model.moe.{f}", 0, 1e6, lo_open=True)
-  for f in ("bias_update_rate", "load_balance_coef", "z_loss_coef", "seq_balance_coef"):
-    _float_range(config, f"model.moe.{f}", 0, 1e3)
-  for f in ("renormalize", "allow_noncausal"):
-    if not isinstance(e[f], bool):
-      _fail(f"model.moe.{f}", e[f], "must be True or False")
-
-
-RECURSION_STRATEGIES = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
-
-
-def _floats(c, field, lo, hi, length):
-  v = _get(c, field)
-  if isinstance(v, str) or not isinstance(v, (tuple, list)) or (v and len(v) != length):
-    _fail(field, v, f"must be () or a tuple of {length} numbers (one per loop)")
-  for x in v:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not lo < x <= hi:
-      _fail(field, v, f"every entry must lie in ({lo}, {hi}]")
-
-
-def _validate_recursion(config) -> None:
-  m, r = config.model, config.model.recursion
-  _choice(config, "model.recursion.strategy", RECURSION_STRATEGIES)
-  _pos_int(config, "model.recursion.num_loops")
-  _choice(config, "model.recursion.router", ("none", "expert", "token"))
-  if r.strategy == "none":
-    for f, default in (("num_loops", 1), ("router", "none"), ("lora_rank", 0),
-                       ("unshared_norms", False), ("kv_sharing", False)):
-      if r[f] != default:
-        _fail(f"model.recursion.{f}", r[f],
-              "needs a sharing strategy: set model.recursion.strategy to one of "
-              f"{list(RECURSION_STRATEGIES[1:])}")
-    return
-  big_r, layers = r.num_loops, m.num_layers
-  if big_r < 2:
-    _fail("model.recursion.num_loops", big_r, "must be >= 2 with a sharing strategy")
-  if r.strategy.startswith("middle"):
-    if layers < 2 + big_r or (layers - 2) % big_r:
-      _fail("model.num_layers", layers,
-            f"{r.strategy} keeps the first and last layers unique, so model.num_layers - 2 "
-            f"must be a positive multiple of model.recursion.num_loops={big_r}")
-  elif layers % big_r:
-    _fail("model.num_layers", layers,
-          f"must be a multiple of model.recursion.num_loops={big_r} for {r.strategy}")
-  _nonneg_int(config, "model.recursion.lora_rank")
-  _float_range(config, "model.recursion.lora_alpha", 0, 1e6)
-  for f in ("unshared_norms", "kv_sharing"):
-    if not isinstance(r[f], bool):
-      _fail(f"model.recursion.{f}", r[f], "must be True or False")
-  _choice(config, "model.recursion.gate", ("sigmoid", "tanh", "none"))
-  _choice(config, "model.recursion.aux", ("bce", "causal_router"))
-  _choice(config, "model.recursion.eval_routing", ("threshold", "topk"))
-  _choice(config, "model.recursion.balance", ("loss", "bias", "none"))
-  _choice(config, "model.recursion.dispatch", ("gather", "mask"))
-  _float_range(config, "model.recursion.gate_alpha", 0, 1e3, lo_open=True)
-  _float_range(config, "model.recursion.threshold", 0, 1, lo_open=True, hi_open=True)
-  for f in ("aux_coef", "balance_coef", "bias_update_rate", "z_loss_coef"):
-    _float_range(config, f"model.recursion.{f}", 0, 1e3)
-  _nonneg_int(config, "model.recursion.eval_loops")
-  if r.eval_loops > big_r:
-    _fail("model.recursion.eval_loops", r.eval_loops, f"must lie in [0, num_loops={big_r}]")
-  _floats(config, "model.recursion.capacities", 0.0, 1.0, big_r)
-  _floats(config, "model.recursion.kv_cache_fractions", 0.0, 1.0, big_r)
-  looped = r.strategy in ("cycle", "middle_cycle")
-  if r.router != "none" and not looped:
-    _fail("model.recursion.router", r.router,
-          "Mixture-of-Recursions routes tokens between loops of the whole shared block, so "
-          "it needs model.recursion.strategy = 'cycle' or 'middle_cycle'")
-  if r.kv_sharing and not looped:
-    _fail("model.recursion.kv_sharing", r.kv_sharing,
-          "needs model.recursion.strategy = 'cycle' or 'middle_cycle'")
-  if r.capacities and r.router == "none":
-    _fail("model.recursion.capacities", r.capacities,
-          "capacities need a recursion router (model.recursion.router = 'expert' or 'token')")
-  if r.router == "expert" and r.capacities and any(
-      a < b for a, b in zip(r.capacities, r.capacities[1:])):
-    _fail("model.recursion.capacities", r.capacities,
-          "expert-choice routing is hierarchical (only a step's survivors go on), so the "
-          "capacities must not increase")
-  if r.bias_update_rate and r.balance == "bias" and r.router != "token":
-    _fail("model.recursion.balance", r.balance, "loss-free bias balancing is for router='token'")
-
-
 def _validate_mesh(config) -> None:
   """Static mesh checks (the device count is checked when the mesh is made)."""
   me, m = config.mesh, config.model
@@ -525,13 +314,13 @@ def _validate_mesh(config) -> None:
   _choice(config, "mesh.expert_dispatch", ("auto", "gspmd", "all_to_all"))
   _choice(config, "mesh.ep_exchange", ("auto", "ragged", "padded"))
   if me.ep_exchange == "ragged":
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top  (lazy: this module stays light)
     if jax.default_backend() == "cpu":
       _fail("mesh.ep_exchange", me.ep_exchange, "'auto' or 'padded' on CPU: XLA:CPU does not "
             "implement ragged_all_to_all")
   if isinstance(me.rules, str) or not all(isinstance(r, str) and "=" in r for r in me.rules):
     _fail("mesh.rules", me.rules, "must be a tuple of 'logical_name=mesh_axis' strings")
-  from moejax import parallel  # pylint: disable=g-import-not-at-top
+  from moejax import parallel  # pylint: disable=g-import-not-at-top  (lazy: stays light)
   try:
     parallel.rules_from_config(me)
   except parallel.MeshError as e:

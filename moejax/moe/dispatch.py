@@ -58,13 +58,11 @@ import jax
 import jax.numpy as jnp
 
 from moejax.kernels import gmm as gmm_lib
+from moejax.moe.config import BACKENDS, CAPACITY_BACKENDS  # noqa: F401 (re-exported)
 from moejax.moe.routing import Routing
 
 Array = jax.Array
 
-BACKENDS = ("reference", "capacity", "capacity_einsum", "capacity_tiled", "dropless",
-            "dropless_ragged", "dropless_tiled", "pallas")
-CAPACITY_BACKENDS = ("capacity", "capacity_einsum", "capacity_tiled")
 
 
 def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float,
