@@ -29,6 +29,7 @@ def defaults() -> ml_collections.ConfigDict:
   e.renormalize = True  # topk: renormalise the k chosen probabilities
   e.jitter = 0.0  # topk: multiplicative input noise in training (Switch)
   e.route_scale = 1.0  # deepseek
+  e.init_scale = 1.0  # multiplier on the router and expert weights' init std (Switch 2.3)
   e.n_groups = 1  # deepseek group-limited routing
   e.topk_groups = 1
   e.bias_update_rate = 0.0  # deepseek aux-loss-free balancing (gamma); 0 = off
@@ -98,7 +99,7 @@ def validate(config) -> None:
           "aux-loss-free bias balancing needs model.moe.router='deepseek'")
   for f in ("jitter",):
     float_range(config, f"model.moe.{f}", 0, 1, hi_open=True)
-  for f in ("route_scale", "capacity_factor", "eval_capacity_factor"):
+  for f in ("route_scale", "init_scale", "capacity_factor", "eval_capacity_factor"):
     float_range(config, f"model.moe.{f}", 0, 1e6, lo_open=True)
   for f in ("bias_update_rate", "load_balance_coef", "z_loss_coef", "seq_balance_coef"):
     float_range(config, f"model.moe.{f}", 0, 1e3)

@@ -35,6 +35,7 @@ class MoEConfig:
   renormalize: bool = True
   jitter: float = 0.0
   route_scale: float = 1.0
+  init_scale: float = 1.0  # multiplier on the router / expert init std (Switch reduced init)
   n_groups: int = 1
   topk_groups: int = 1
   bias_update_rate: float = 0.0
@@ -61,6 +62,7 @@ class MoEConfig:
         num_experts=e.num_experts * m, k=e.experts_per_token * m - e.num_shared_experts,
         expert_d_ff=(e.expert_d_ff or d_ff) // m, num_shared=e.num_shared_experts,
         router=e.router, renormalize=e.renormalize, jitter=e.jitter, route_scale=e.route_scale,
+        init_scale=e.init_scale,
         n_groups=e.n_groups, topk_groups=e.topk_groups, bias_update_rate=e.bias_update_rate,
         load_balance_coef=e.load_balance_coef, z_loss_coef=e.z_loss_coef,
         seq_balance_coef=e.seq_balance_coef, backend=e.backend,
@@ -107,8 +109,9 @@ class MoEFFN(nn.Module):
     x_ND = x_BTD.reshape(n, d).astype(self.dtype)
 
     logits_NE, bias = None, None
+    std_in, std_out = self.init_std * c.init_scale, self.out_std * c.init_scale
     if c.router != "hash":
-      w_router = self.param("router", param_init(self.init_std, ("embed", "expert_router")),
+      w_router = self.param("router", param_init(std_in, ("embed", "expert_router")),
                             (d, e), jnp.float32)
       xr = x_ND.astype(jnp.float32)
       if c.jitter > 0 and not self.deterministic:
@@ -122,11 +125,11 @@ class MoEFFN(nn.Module):
     r = route(c, logits_NE, None if token_ids_BT is None else token_ids_BT.reshape(n), bias,
               (b, t), cf)
 
-    w_gate = self.param("gate", param_init(self.init_std, ("expert", "embed", "expert_mlp")),
+    w_gate = self.param("gate", param_init(std_in, ("expert", "embed", "expert_mlp")),
                         (e, d, f), self.param_dtype)
-    w_up = self.param("up", param_init(self.init_std, ("expert", "embed", "expert_mlp")),
+    w_up = self.param("up", param_init(std_in, ("expert", "embed", "expert_mlp")),
                       (e, d, f), self.param_dtype)
-    w_down = self.param("down", param_init(self.out_std, ("expert", "expert_mlp", "embed")),
+    w_down = self.param("down", param_init(std_out, ("expert", "expert_mlp", "embed")),
                         (e, f, d), self.param_dtype)
     from moejax.moe.dispatch import CAPACITY_BACKENDS, expert_capacity, moe_ffn  # pylint: disable=g-import-not-at-top
     mesh = _expert_mesh() if c.expert_dispatch != "gspmd" else None
@@ -150,7 +153,7 @@ class MoEFFN(nn.Module):
                                 capacity=capacity)
     y_BTD = y_ND.reshape(b, t, d).astype(self.dtype)
     if c.num_shared:
-      y_BTD = y_BTD + MLP(c.num_shared * f, self.init_std, self.out_std, self.dtype,
+      y_BTD = y_BTD + MLP(c.num_shared * f, std_in, std_out, self.dtype,
                           self.param_dtype, name="shared")(x_BTD)
 
     coefs = {"load_balance": c.load_balance_coef, "z_loss": c.z_loss_coef,
