@@ -87,6 +87,8 @@ def make_config(dims: dict, recursion: dict | None, max_seq_len: int = 0):
   c.data.seq_len, c.data.batch_size = dims["seq_len"], dims["batch"]
   for k, v in (recursion or {}).items():
     m.recursion[k] = v
+  r = m.recursion  # expert choice below capacity 1 trains with look-ahead (flagged)
+  r.allow_noncausal_training = r.router == "expert" and any(x < 1.0 for x in r.capacities)
   validate(c)
   return c
 

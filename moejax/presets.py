@@ -56,5 +56,7 @@ def apply_recursion(config, variant: str, size: str) -> None:
   elif variant in ("mor_expert", "mor_token"):
     r.router = variant.split("_")[1]
     r.capacities = (1.0, 0.67, 0.33)
+    # expert choice trains on top-k over the sequence (looks ahead; inference is causal)
+    r.allow_noncausal_training = r.router == "expert"
   elif variant == "relaxed":
     r.lora_rank = 64 if size == "large" else max(4, m.d_model // 8)

@@ -39,6 +39,9 @@ def model_cfg(num_layers=4, moe=False, **rec) -> LMConfig:
     m.moe.num_experts, m.moe.experts_per_token = 4, 2
   for k, v in rec.items():
     m.recursion[k] = v
+  # expert-choice MoR with capacities < 1 trains with look-ahead: configs must say so
+  m.recursion.allow_noncausal_training = (
+      rec.get("router") == "expert" and any(x < 1.0 for x in rec.get("capacities", ())))
   c.data.seq_len = T
   validate(c)
   return LMConfig.from_config(m, seq_len=T, vocab_size=V)

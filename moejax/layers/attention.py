@@ -58,7 +58,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BTD: Array, positions_BT: Array, *, loop: int = 0, slot: int = 0,
                token_mask_BT: Array | None = None, shared_kv: tuple | None = None,
-               return_kv: bool = False):
+               return_kv: bool = False, rows_N: Array | None = None):
     d = x_BTD.shape[-1]
     h, k, dh = self.num_heads, self.num_kv_heads, self.head_dim
     w_q = self.param("q", param_init(self.init_std, ("embed", "heads", "head_dim")),
@@ -95,7 +95,7 @@ class Attention(nn.Module):
                          ("batch", "length", "kv_heads", "head_dim"))
       if self.decode and token_mask_BT is not None:
         k_all, v_all, kpos_BS, kvalid_BS = self._update_compact_cache(
-            k_BTKD, v_BTKD, positions_BT, token_mask_BT, slot)
+            k_BTKD, v_BTKD, positions_BT, token_mask_BT, slot, rows_N)
       elif self.decode:
         k_all, v_all, kpos_BS = self._update_cache(k_BTKD, v_BTKD, slot)
         kvalid_BS = None
@@ -116,8 +116,13 @@ class Attention(nn.Module):
     sfx = f"_{slot}" if slot else ""
     return tuple(n + sfx for n in ("k", "v", "index", "pos"))
 
-  def _update_compact_cache(self, k_BTKD, v_BTKD, positions_BT, mask_BT, slot: int):
-    """Write only the active tokens' K/V, packed, with their positions (MoR caching)."""
+  def _update_compact_cache(self, k_BTKD, v_BTKD, positions_BT, mask_BT, slot: int,
+                            rows_N: Array | None = None):
+    """Write only the active tokens' K/V, packed, with their positions (MoR caching).
+
+    rows_N: the cache rows the input's B rows are (decoding a row-gathered batch: only
+    those rows are read and written); None = all rows in order.
+    """
     b, t, k, dh = k_BTKD.shape
     s = self.cache_lens[slot] if self.cache_lens else self.max_seq_len
     nk, nv, nidx, npos = self._names(slot)
@@ -125,16 +130,19 @@ class Attention(nn.Module):
     cv = self.variable("cache", nv, jnp.zeros, (b, s, k, dh), v_BTKD.dtype)
     cpos = self.variable("cache", npos, jnp.zeros, (b, s), jnp.int32)
     count = self.variable("cache", nidx, lambda: jnp.zeros((b,), jnp.int32))
+    rows = jnp.arange(b) if rows_N is None else rows_N
     m = mask_BT.astype(jnp.int32)
-    dest_BT = count.value[:, None] + jnp.cumsum(m, axis=1) - 1
+    dest_BT = count.value[rows][:, None] + jnp.cumsum(m, axis=1) - 1
     dest_BT = jnp.where(mask_BT, dest_BT, s)  # inactive tokens (and overflow) are dropped
-    rows = jnp.arange(b)[:, None]
-    ck.value = ck.value.at[rows, dest_BT].set(k_BTKD.astype(ck.value.dtype), mode="drop")
-    cv.value = cv.value.at[rows, dest_BT].set(v_BTKD.astype(cv.value.dtype), mode="drop")
-    cpos.value = cpos.value.at[rows, dest_BT].set(positions_BT.astype(jnp.int32), mode="drop")
-    count.value = count.value + m.sum(axis=1)
-    written_BS = jnp.arange(s)[None, :] < count.value[:, None]
-    return ck.value, cv.value, cpos.value, written_BS
+    r_B1 = rows[:, None]
+    ck.value = ck.value.at[r_B1, dest_BT].set(k_BTKD.astype(ck.value.dtype), mode="drop")
+    cv.value = cv.value.at[r_B1, dest_BT].set(v_BTKD.astype(cv.value.dtype), mode="drop")
+    cpos.value = cpos.value.at[r_B1, dest_BT].set(positions_BT.astype(jnp.int32), mode="drop")
+    count.value = count.value.at[rows].add(m.sum(axis=1))
+    written_BS = jnp.arange(s)[None, :] < count.value[rows][:, None]
+    if rows_N is None:
+      return ck.value, cv.value, cpos.value, written_BS
+    return ck.value[rows], cv.value[rows], cpos.value[rows], written_BS
 
   def _update_cache(self, k_BTKD: Array, v_BTKD: Array, slot: int = 0):
     b, t, k, dh = k_BTKD.shape

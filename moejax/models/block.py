@@ -3,7 +3,8 @@
 `cfg` is an `LMConfig` (moejax.models.lm). A block inside a recursive model's looped
 core (`shared=True`) is called once per loop: it takes the loop index (per-loop LoRA,
 per-loop norms, a KV cache per loop), an optional token mask (Mixture-of-Recursions) and
-optional shared keys/values, and returns its keys/values for KV sharing.
+optional shared keys/values, and returns its keys/values for KV sharing. While decoding,
+`rows_N` says which batch rows of the caches the (row-gathered) input holds.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: Array, positions_BT: Array, tokens_BT: Array, loop: int = 0,
-               token_mask_BT: Array | None = None, shared_kv: tuple | None = None):
+               token_mask_BT: Array | None = None, shared_kv: tuple | None = None,
+               rows_N: Array | None = None):
     c = self.cfg
     cdt, pdt = dtype(c.compute_dtype), dtype(c.param_dtype)
     rc = c.recursion if self.shared else None
@@ -46,7 +48,7 @@ class Block(nn.Module):
                      c.out_std, c.max_seq_len, self.decode, cdt, pdt, loops, lora_rank,
                      lora_scale, cache_lens, name="attn")
     out = attn(h, positions_BT, loop=loop, slot=loop, token_mask_BT=token_mask_BT,
-               shared_kv=shared_kv, return_kv=self.shared)
+               shared_kv=shared_kv, return_kv=self.shared, rows_N=rows_N)
     out, kv = out if self.shared else (out, None)
     x_BTD = x_BTD + out
     h = RMSNorm(c.norm_eps, cdt, pdt, copies, name="ffn_norm")(x_BTD, loop)

@@ -36,6 +36,10 @@ def defaults() -> ml_collections.ConfigDict:
   r.kv_sharing = False  # every step attends to the first recursion's K/V
   r.eval_loops = 0  # inference depth: run only this many loops (0 = num_loops)
   r.kv_cache_fractions = ()  # decoding: slots per step as a fraction of max_seq_len; () = 1.0
+  # Expert-choice MoR with a capacity < 1 trains by picking each step's top-k tokens over
+  # the whole sequence, which looks at later tokens (the method's design; inference is
+  # causal: threshold routing). Such a config must say so by setting this to True.
+  r.allow_noncausal_training = False
   return r
 
 
@@ -104,5 +108,17 @@ def validate(config) -> None:
     fail("model.recursion.capacities", r.capacities,
           "expert-choice routing is hierarchical (only a step's survivors go on), so the "
           "capacities must not increase")
+  boolean(config, "model.recursion.allow_noncausal_training")
+  lookahead = r.router == "expert" and any(c < 1.0 for c in r.capacities)
+  if lookahead and not r.allow_noncausal_training:
+    fail("model.recursion.allow_noncausal_training", r.allow_noncausal_training,
+         "expert-choice MoR with capacities < 1 trains on each step's top-k tokens over the "
+         "whole sequence, which looks at later tokens (inference stays causal: threshold "
+         "routing); set it to True to accept that training path, or use router='token', "
+         "whose capacity rule is causal")
+  if r.allow_noncausal_training and not lookahead:
+    fail("model.recursion.allow_noncausal_training", r.allow_noncausal_training,
+         "only expert-choice MoR with a capacity < 1 has a look-ahead training path; "
+         "leave it False")
   if r.bias_update_rate and r.balance == "bias" and r.router != "token":
     fail("model.recursion.balance", r.balance, "loss-free bias balancing is for router='token'")

@@ -35,6 +35,7 @@ token router's loss-free bias, updated by the train step).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -61,6 +62,24 @@ def topk_positions(score_BT: Array, candidates_BT: Array, k: int) -> Array:
   return jnp.sort(idx, axis=-1)
 
 
+def first_positions(sel_BT: Array, c: int) -> tuple[Array, Array]:
+  """(idx_BC, valid_BC): each row's first c selected positions, ascending. A row with
+  fewer than c selected pads with index 0 and valid False."""
+  b, t = sel_BT.shape
+  rank_BT = jnp.cumsum(sel_BT.astype(jnp.int32), axis=1)
+  dest_BT = jnp.where(sel_BT & (rank_BT <= c), rank_BT - 1, c)
+  pos_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  idx_BC = jnp.zeros((b, c + 1), jnp.int32).at[jnp.arange(b)[:, None], dest_BT].set(pos_BT)
+  valid_BC = jnp.arange(c)[None, :] < jnp.minimum(rank_BT[:, -1:], c)
+  return idx_BC[:, :c], valid_BC
+
+
+def decode_buckets(batch: int) -> list[int]:
+  """Row-buffer sizes for a decoding step: multiples of ceil(B/8), ending at B."""
+  step = max(1, -(-batch // 8))
+  return sorted({min(batch, step * i) for i in range(1, 9)})
+
+
 def masked_bce(logits: Array, labels: Array, where: Array) -> Array:
   losses = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32))
   w = where.astype(jnp.float32)
@@ -73,18 +92,26 @@ class RecursiveStack(nn.Module):
   decode: bool = False
   deterministic: bool = True
 
-  @nn.compact
-  def __call__(self, x_BTD: Array, positions_BT: Array, tokens_BT: Array) -> Array:
-    c, rc = self.cfg, self.cfg.recursion
+  def setup(self):
+    # Blocks are made in setup (names as before: first_layer, shared_{u}, last_layer) so
+    # the decode row-gather's nn.switch branches can reach them as attributes.
+    c = self.cfg
     unit = Block
     if c.remat != "none" and not self.decode:  # loop index (arg 4, counting self) is static
       unit = nn.remat(Block, policy=REMAT_POLICIES[c.remat], static_argnums=(4,))
-    names = [f"shared_{u}" for u in range(rc.num_core)]
-    if rc.middle:
-      names = ["first_layer"] + names + ["last_layer"]
-    blocks = {n: unit(c, self.decode, self.deterministic, c.unique_kind(n),
-                      shared=n.startswith("shared_"), name=n) for n in names}
-    core = [blocks[n] for n in names if n.startswith("shared_")]
+    for n in self._block_names():
+      setattr(self, n, unit(c, self.decode, self.deterministic, c.unique_kind(n),
+                            shared=n.startswith("shared_")))
+
+  def _block_names(self) -> list[str]:
+    names = self._core_names()
+    return ["first_layer"] + names + ["last_layer"] if self.cfg.recursion.middle else names
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, positions_BT: Array, tokens_BT: Array) -> Array:
+    rc = self.cfg.recursion
+    blocks = {n: getattr(self, n) for n in self._block_names()}
+    core = [blocks[n] for n in self._core_names()]
 
     if rc.middle:
       x_BTD, _ = blocks["first_layer"](x_BTD, positions_BT, tokens_BT)
@@ -136,6 +163,87 @@ class RecursiveStack(nn.Module):
     over.value = over.value + (sel_BT & ~fits_BT).sum(axis=1).astype(jnp.int32)
     return fits_BT
 
+  def _capacity_limit(self, r: int, t: int) -> int:
+    """Step r's per-sequence token budget: ceil(capacity_r * T), with T = max_seq_len
+    while decoding (prefill + decode then equal one full forward of max_seq_len)."""
+    return self.cfg.recursion.capacity_tokens(r, self.cfg.max_seq_len if self.decode else t)
+
+  def _causal_capacity(self, want_BT: Array, r: int) -> Array:
+    """The causal capacity rule: of the tokens the router sends on, the first
+    ceil(capacity_r * T) of each sequence (by position) are kept, later ones exit here.
+    A token's fate depends only on itself and earlier tokens. Decoding counts the
+    tokens kept in earlier calls (`cache/capacity_count_{r}`)."""
+    b, t = want_BT.shape
+    limit = self._capacity_limit(r, t)
+    rank_BT = jnp.cumsum(want_BT.astype(jnp.int32), axis=1)
+    if self.decode:
+      used = self.variable("cache", f"capacity_count_{r}", jnp.zeros, (b,), jnp.int32)
+      rank_BT = rank_BT + used.value[:, None]
+    keep_BT = want_BT & (rank_BT <= limit)
+    if self.decode:
+      used.value = used.value + keep_BT.sum(axis=1).astype(jnp.int32)
+    return keep_BT
+
+  def _run_core(self, blocks, r: int, x_BTD, positions_BT, tokens_BT, mask_BT, shared,
+                rows_N=None):
+    h = x_BTD
+    for u, blk in enumerate(blocks):
+      kv_in = shared.get(u) if self.cfg.recursion.kv_sharing and r > 0 else None
+      if kv_in is not None and rows_N is not None:
+        kv_in = tuple(a[rows_N] for a in kv_in)
+      h, kv = blk(h, positions_BT, tokens_BT, r, mask_BT, kv_in, rows_N)
+      if r == 0:
+        shared[u] = kv
+    return h
+
+  def _decode_rows(self, r: int, x_BTD, positions_BT, tokens_BT, sel_BT, gate_BT, shared):
+    """One decoding step (T = 1) of loop r on only the rows whose token is still active.
+
+    Design: per-step gather of the active rows into a bounded buffer. The buffer size is
+    picked at run time among a few static sizes (multiples of B/8, via nn.switch), the
+    smallest that holds every active row, so nothing is ever dropped and the result
+    equals the masked path exactly; a step whose active rows need the whole batch runs
+    the masked path. Chosen over continuous depth-wise batching (Relaxed Recursive
+    Transformers): it keeps `generate`'s one-token-per-sequence scan and its caches
+    unchanged, at the cost of rounding each step's rows up to the next bucket.
+    """
+    c = self.cfg
+    b = x_BTD.shape[0]
+
+    def blocks(mdl):
+      return [getattr(mdl, n) for n in mdl._core_names()]
+
+    def gathered(n, mdl, x_BTD, sel_BT, gate_BT, kv):
+      rows_1N, valid_1N = first_positions(sel_BT[:, 0][None], n)
+      rows_N, valid_N = rows_1N[0], valid_1N[0]
+      xg = x_BTD[rows_N]
+      h = mdl._run_core(blocks(mdl), r, xg, positions_BT[rows_N], tokens_BT[rows_N],
+                        valid_N[:, None], dict(kv), rows_N)
+      delta = h - xg
+      if gate_BT is not None:
+        delta = delta * gate_BT[rows_N][..., None].astype(delta.dtype)
+      delta = jnp.where(valid_N[:, None, None], delta, 0)
+      return x_BTD.at[rows_N].add(delta.astype(x_BTD.dtype))
+
+    def full(mdl, x_BTD, sel_BT, gate_BT, kv):
+      h = mdl._run_core(blocks(mdl), r, x_BTD, positions_BT, tokens_BT, sel_BT, dict(kv))
+      delta = h - x_BTD
+      if gate_BT is not None:
+        delta = delta * gate_BT[..., None].astype(delta.dtype)
+      return x_BTD + jnp.where(sel_BT[..., None], delta, 0).astype(x_BTD.dtype)
+
+    sizes = decode_buckets(b)
+    kv = {u: v for u, v in shared.items()} if c.recursion.kv_sharing else {}
+    if self.is_initializing() or len(sizes) == 1:
+      return full(self, x_BTD, sel_BT, gate_BT, kv)
+    n_active = jnp.sum(sel_BT[:, 0].astype(jnp.int32))
+    index = jnp.searchsorted(jnp.asarray(sizes[:-1], jnp.int32), n_active)
+    branches = [functools.partial(gathered, n) for n in sizes[:-1]] + [full]
+    return nn.switch(index, branches, self, x_BTD, sel_BT, gate_BT, kv)
+
+  def _core_names(self) -> list[str]:
+    return [f"shared_{u}" for u in range(self.cfg.recursion.num_core)]
+
   def _loop(self, core, loops: int, x_BTD: Array, positions_BT: Array, tokens_BT: Array):
     rc = self.cfg.recursion
     b, t, d = x_BTD.shape
@@ -170,59 +278,59 @@ class RecursiveStack(nn.Module):
     active_BT = jnp.ones((b, t), bool)
     steps_BT = jnp.zeros((b, t), jnp.int32)
     shared: dict[int, tuple] = {}
-    active_frac = []
+    active_frac, cut_frac = [], []
     for r in range(loops):
       cap = rc.capacities[r]
-      sel_BT, gate_BT, idx_BC = active_BT, None, None
+      sel_BT, gate_BT, idx_BC, valid_BC = active_BT, None, None, None
+      want_BT = None  # tokens the router sends on before the capacity rule
       if rc.router == "expert":
         score_BT = x_BTD.astype(f32) @ p["w"][r] + p["b"][r]
         gate_BT = gate_fn(rc.gate, score_BT, rc.gate_alpha)
         causal_BT = None
         if "cw" in p:
           causal_BT = jax.lax.stop_gradient(x_BTD).astype(f32) @ p["cw"][r] + p["cb"][r]
-        if cap < 1.0 and topk_mode:
+        if cap < 1.0 and topk_mode:  # training: top-k over the sequence (looks ahead)
           idx_BC = topk_positions(score_BT, active_BT, rc.capacity_tokens(r, t))
           sel_BT = jnp.zeros((b, t), bool).at[rows, idx_BC].set(True) & active_BT
+          valid_BC = jnp.take_along_axis(sel_BT, idx_BC, axis=1)
           labels = jax.lax.stop_gradient(sel_BT)
           bce_terms.append(masked_bce(score_BT, labels, active_BT))
           if causal_BT is not None:
             causal_terms.append(masked_bce(causal_BT, labels, active_BT))
-        elif cap < 1.0:  # inference: causal per-token decision
+        elif cap < 1.0:  # inference: causal per-token decision, then the capacity rule
           decide_BT = causal_BT if causal_BT is not None else score_BT
-          sel_BT = active_BT & (jax.nn.sigmoid(decide_BT) > rc.threshold)
+          want_BT = active_BT & (jax.nn.sigmoid(decide_BT) > rc.threshold)
       elif rc.router == "token":
-        sel_BT = active_BT & (depth_BT > r)
         gate_BT = gate_tok_BT * rc.gate_alpha if rc.gate != "none" else None
-        if cap < 1.0 and topk_mode:  # capacity: overflow tokens stop here
-          idx_BC = topk_positions(gate_tok_BT, sel_BT, rc.capacity_tokens(r, t))
-          sel_BT = jnp.zeros((b, t), bool).at[rows, idx_BC].set(True) & sel_BT
+        want_BT = active_BT & (depth_BT > r)
+        sel_BT = want_BT
+      if want_BT is not None and cap < 1.0:
+        sel_BT = self._causal_capacity(want_BT, r)
+      cut_frac.append(jnp.mean((want_BT & ~sel_BT).astype(f32)) if want_BT is not None
+                      else jnp.zeros((), f32))
 
       if self.decode and rc.router != "none" and rc.kv_cache_fractions:
         sel_BT = self._fit_cache(sel_BT, r)
-      mask_BT = sel_BT if rc.router != "none" else None
-      if idx_BC is not None and rc.dispatch == "gather":
+        idx_BC = valid_BC = None
+      gather = rc.router != "none" and cap < 1.0 and rc.dispatch == "gather"
+      if gather and self.decode and t == 1 and not (rc.kv_sharing and r == 0):
+        x_BTD = self._decode_rows(r, x_BTD, positions_BT, tokens_BT, sel_BT, gate_BT, shared)
+      elif gather and not (self.decode and t == 1):
         # gather the kept tokens, run them, scatter their (gated) updates back
+        if idx_BC is None:
+          idx_BC, valid_BC = first_positions(sel_BT, min(t, self._capacity_limit(r, t)))
         take = lambda a: jnp.take_along_axis(a, idx_BC, axis=1)
         xg_BCD = jnp.take_along_axis(x_BTD, idx_BC[..., None], axis=1)
-        valid_BC = take(sel_BT)
-        h = xg_BCD
-        for u, blk in enumerate(core):
-          kv_in = shared.get(u) if rc.kv_sharing and r > 0 else None
-          h, kv = blk(h, take(positions_BT), take(tokens_BT), r, valid_BC, kv_in)
-          if r == 0:
-            shared[u] = kv
+        h = self._run_core(core, r, xg_BCD, take(positions_BT), take(tokens_BT), valid_BC,
+                           shared)
         delta = h - xg_BCD
         if gate_BT is not None:
           delta = delta * take(gate_BT)[..., None].astype(delta.dtype)
         delta = jnp.where(valid_BC[..., None], delta, 0)
         x_BTD = x_BTD.at[rows, idx_BC].add(delta.astype(x_BTD.dtype))
       else:
-        h = x_BTD
-        for u, blk in enumerate(core):
-          kv_in = shared.get(u) if rc.kv_sharing and r > 0 else None
-          h, kv = blk(h, positions_BT, tokens_BT, r, mask_BT, kv_in)
-          if r == 0:
-            shared[u] = kv
+        mask_BT = sel_BT if rc.router != "none" else None
+        h = self._run_core(core, r, x_BTD, positions_BT, tokens_BT, mask_BT, shared)
         if rc.router == "none":
           x_BTD = h
         else:
@@ -242,6 +350,7 @@ class RecursiveStack(nn.Module):
     stats["active_fraction"] = jnp.stack(
         active_frac + [jnp.zeros((), f32)] * (rc.num_loops - loops))
     stats["mean_depth"] = jnp.mean(steps_BT.astype(f32))
+    stats["capacity_cut"] = jnp.stack(cut_frac + [jnp.zeros((), f32)] * (rc.num_loops - loops))
     if self.is_mutable_collection("mor_losses"):
       for name, v in losses.items():
         self.sow("mor_losses", name, v, init_fn=lambda: jnp.zeros((), f32),

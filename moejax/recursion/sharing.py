@@ -42,6 +42,7 @@ class RecursionConfig:
   kv_sharing: bool = False
   eval_loops: int = 0
   kv_cache_fractions: tuple[float, ...] = ()
+  allow_noncausal_training: bool = False
 
   @classmethod
   def from_config(cls, r: Any, num_layers: int) -> "RecursionConfig | None":
