@@ -47,6 +47,12 @@ def generate(cfg: LMConfig, params, prompt_BP: jax.Array, max_new_tokens: int, *
 
   `model_state`: the non-param collections of the run (e.g. {"moe_bias": ...}).
   """
+  if cfg.moe is not None and cfg.moe.router == "expert_choice":
+    raise ValueError("model.moe.router = 'expert_choice' cannot generate: each expert picks "
+                     "its top tokens of a whole sequence, and at decode a step holds one "
+                     "token per sequence, so every token would go to every expert (not the "
+                     "model that was trained); generate with a token-choice router (topk, "
+                     "deepseek, hash)")
   model_state = dict(model_state or {})
   rc = cfg.recursion
   if rc is not None and rc.router == "expert" and rc.eval_routing == "topk":

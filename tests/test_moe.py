@@ -188,7 +188,7 @@ def test_capacity_dispatch_can_leak_across_tokens():
   """Documented: with capacity limits, a later token can evict an earlier one's second
   choice (slot-major priority), so logits at t depend on tokens after t."""
   cfg, mc = _lm("gshard_top2", backend="capacity", capacity_factor=0.25, eval_capacity_factor=0.25,
-                min_capacity=1)
+                min_capacity=1, allow_noncausal=True)  # required: this leak is why
   model = LM(mc)
   params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32)))
   fwd = jax.jit(lambda p, x: model.apply(p, x))
@@ -320,6 +320,81 @@ def test_moe_config_resolves_granularity_and_shared():
   mc = MoEConfig.from_config(cfg.model.moe, cfg.model.d_ff)
   assert mc.num_experts == 32 and mc.k == 7 and mc.expert_d_ff == 48
   assert mc.is_moe_layer(0) and mc.is_moe_layer(3)
+
+
+def test_hash_router_with_granularity_is_rejected():
+  """Hash routing picks one expert per token; with granularity m > 1 the accounting
+  would count m active segments (issue 12, defect 3): rejected, not silently wrong."""
+  cfg = load_config("configs/moe/switch.py:runlocal")
+  cfg.model.moe.router = "hash"
+  validate(cfg)  # k = 1, m = 1
+  cfg.model.moe.granularity = 2
+  with pytest.raises(ConfigError, match=r"model\.moe\.granularity = 2 .*hash.*granularity=1"):
+    validate(cfg)
+
+
+@pytest.mark.parametrize("k,m,shared", [(1, 1, 0), (1, 2, 1)])
+def test_top1_with_renormalize_is_rejected(k, m, shared):
+  """One routed expert with renormalised gates: every gate is exactly 1, so the router
+  gets no gradient from the LM loss (issue 12, defect 4). The resolved k counts
+  (experts_per_token * granularity - num_shared_experts)."""
+  cfg = load_config("configs/moe/gshard_top2.py:runlocal")
+  e = cfg.model.moe
+  e.experts_per_token, e.granularity, e.num_shared_experts = k, m, shared
+  e.renormalize = True
+  with pytest.raises(ConfigError,
+                     match=r"model\.moe\.renormalize = True .*renormalize=False.*>= 2"):
+    validate(cfg)
+  e.renormalize = False  # Switch: the gate is the softmax probability, trained by the loss
+  validate(cfg)
+  # the gate really is 1 for every token when renormalised (why the rule exists)
+  r = R.topk_softmax(jax.random.normal(jax.random.PRNGKey(0), (16, 8)), 1, renormalize=True)
+  np.testing.assert_allclose(r.gate_A, np.ones(16), rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["capacity", "capacity_einsum", "capacity_tiled"])
+def test_capacity_backends_in_causal_lm_need_opt_in(backend):
+  """Capacity dispatch drops by priority over the whole batch, so a token's output can
+  depend on later tokens (test_capacity_dispatch_can_leak_across_tokens): like expert
+  choice, it needs model.moe.allow_noncausal=True (issue 12, defect 6)."""
+  cfg = load_config("configs/moe/gshard_top2.py:runlocal")
+  cfg.model.moe.backend = backend
+  with pytest.raises(ConfigError,
+                     match=rf"model\.moe\.backend = '{backend}' .*allow_noncausal=True"):
+    validate(cfg)
+  cfg.model.moe.allow_noncausal = True
+  validate(cfg)
+
+
+def test_generate_rejects_expert_choice_moe_before_compiling():
+  """Expert choice picks tokens per sequence; at decode a sequence is one token, so every
+  token would go to every expert (issue 12, defect 5). Rejected before anything runs."""
+  from moejax.generate import generate  # pylint: disable=g-import-not-at-top
+  _, mc = _lm("expert_choice")
+  prompt_BP = np.zeros((1, 4), np.int32)
+  with _CompileCounter() as counter:
+    with pytest.raises(ValueError, match=r"model\.moe\.router = 'expert_choice'.*generate"):
+      generate(mc, params=None, prompt_BP=prompt_BP, max_new_tokens=2)
+  assert counter.count == 0
+
+
+class _CompileCounter:
+  """Counts XLA compilations inside a `with` block."""
+
+  def __init__(self):
+    self.count = 0
+
+  def _listener(self, event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self._listener)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
 def test_training_logs_routing_telemetry_per_layer(tmp_path):

@@ -42,7 +42,9 @@ def defaults() -> ml_collections.ConfigDict:
   e.min_capacity = 4
   e.moe_every = 1  # MoE FFN every n-th layer (after the first dense ones)
   e.first_dense = 0  # the first k layers keep a dense FFN
-  e.allow_noncausal = False  # must be True to use expert_choice in a causal LM
+  # must be True for a non-causal MoE in a causal LM: the expert_choice router, or a
+  # capacity backend (a token's drop depends on the later tokens of the batch)
+  e.allow_noncausal = False
   return e
 
 
@@ -88,12 +90,35 @@ def validate(config) -> None:
     if e.topk_groups * (n_exp // e.n_groups) < e.experts_per_token * e.granularity - e.num_shared_experts:
       fail("model.moe.topk_groups", e.topk_groups,
             "the kept groups must hold at least k (segmented) experts")
+  for f in ("renormalize", "allow_noncausal"):
+    if not isinstance(e[f], bool):
+      fail(f"model.moe.{f}", e[f], "must be True or False")
   if e.router == "expert_choice" and not e.allow_noncausal:
     fail("model.moe.router", e.router,
           "expert choice looks at every token of a sequence, so it leaks the future in a "
           "causal LM; set model.moe.allow_noncausal=True to use it for encoder-style analysis")
   if e.router == "hash" and e.experts_per_token != 1:
     fail("model.moe.experts_per_token", e.experts_per_token, "hash routing uses exactly 1")
+  if e.router == "hash" and e.granularity != 1:
+    # the hash picks one expert per token; segmenting would count m active segments
+    # (moejax.flops, MoEConfig.k) while only one runs
+    fail("model.moe.granularity", e.granularity,
+          "hash routing sends each token to exactly 1 expert; use granularity=1 (for "
+          "fine-grained experts use router='topk' or 'deepseek')")
+  k_routed = e.experts_per_token * e.granularity - e.num_shared_experts
+  if e.router == "topk" and k_routed == 1 and e.renormalize:
+    fail("model.moe.renormalize", e.renormalize,
+          "with one routed expert per token (experts_per_token * granularity - "
+          "num_shared_experts = 1) the renormalised gate is 1 for every token, so the LM "
+          "loss never trains the router; set renormalize=False (Switch: the gate is the "
+          "router probability) or experts_per_token >= 2")
+  if e.backend in CAPACITY_BACKENDS and not e.allow_noncausal:
+    fail("model.moe.backend", e.backend,
+          "capacity dispatch drops assignments by priority over the whole batch, so a "
+          "token's output depends on later tokens: not causal in a causal LM. Use a "
+          f"dropless backend {[b for b in BACKENDS if b not in CAPACITY_BACKENDS]} or set "
+          "model.moe.allow_noncausal=True to accept the leak (Switch/GShard-style "
+          "training; its losses are then not causal-LM numbers)")
   if e.bias_update_rate and e.router != "deepseek":
     fail("model.moe.bias_update_rate", e.bias_update_rate,
           "aux-loss-free bias balancing needs model.moe.router='deepseek'")
@@ -103,6 +128,3 @@ def validate(config) -> None:
     float_range(config, f"model.moe.{f}", 0, 1e6, lo_open=True)
   for f in ("bias_update_rate", "load_balance_coef", "z_loss_coef", "seq_balance_coef"):
     float_range(config, f"model.moe.{f}", 0, 1e3)
-  for f in ("renormalize", "allow_noncausal"):
-    if not isinstance(e[f], bool):
-      fail(f"model.moe.{f}", e[f], "must be True or False")
