@@ -73,6 +73,19 @@ def test_routed_law_recovers_its_coefficients():
   assert e_hat[2] == pytest.approx(8, rel=0.1) and 250 < e_hat[-1] < 256
 
 
+def test_effective_experts_is_clark_et_al_saturating_transform():
+  """1/E_hat = 1/(E - 1 + (1/E_start - 1/E_max)^-1) + 1/E_max (Clark et al. 2022): E_hat(1)
+  = E_start (not 1), E_hat -> E - 1 + E_start when E_max -> inf, E_hat -> E_max as E -> inf."""
+  e_start, e_max = 1.85, 256.0
+  e = np.array([1.0, 2.0, 8.0, 64.0, 512.0])
+  want = 1.0 / (1.0 / (e - 1.0 + 1.0 / (1.0 / e_start - 1.0 / e_max)) + 1.0 / e_max)
+  np.testing.assert_allclose(fit.effective_experts(e, e_start, e_max), want, rtol=1e-12)
+  assert float(fit.effective_experts(1.0)) == pytest.approx(e_start, rel=1e-12)
+  assert float(fit.effective_experts(1.0, 3.0, 100.0)) == pytest.approx(3.0, rel=1e-12)
+  np.testing.assert_allclose(fit.effective_experts(e, e_start, 1e15), e - 1 + e_start, rtol=1e-9)
+  assert float(fit.effective_experts(1e12, e_start, e_max)) == pytest.approx(e_max, rel=1e-6)
+
+
 def test_granularity_law_recovers_exponents():
   rng = np.random.default_rng(3)
   true = {"E": 1.5, "A": 30.0, "B": 200.0, "g": 40.0, "alpha": 0.3, "beta": 0.3, "gamma": 0.6}

@@ -163,9 +163,19 @@ def fit_isoflop(compute: Sequence[float], n: Sequence[float], loss: Sequence[flo
 # ------------------------------------------------------------------ routed (MoE)
 
 def effective_experts(e, e_start: float = 1.85, e_max: float = 256.0) -> np.ndarray:
-  """Clark et al.'s saturating transform: ~E for small E, -> e_max for large E; 1 at E=1."""
+  """Clark et al. (2022)'s saturating transform of the expert count E:
+
+    1 / E_hat = 1 / (E - 1 + (1/e_start - 1/e_max)^-1) + 1 / e_max.
+
+  E_hat(1) = e_start, not 1: at E = 1 the first term is 1/e_start - 1/e_max, so
+  1/E_hat = 1/e_start. For E << e_max, E_hat ~ E - 1 + e_start (E shifted by
+  e_start - 1), and E_hat -> e_max as E -> inf (diminishing returns). So a dense model
+  (E = 1) sits at log E_hat = log e_start, not 0: in routed_predict its law is
+  (a + c log e_start) log N + d + b log e_start. (Before issue 12 this function used
+  1/(e_start - 1) in place of 1/e_start, giving E_hat(1) = e_start - 1 = 0.85.)
+  """
   e = np.asarray(e, float)
-  inner = 1.0 / (e - 1.0 + 1.0 / (1.0 / (e_start - 1.0) - 1.0 / e_max)) + 1.0 / e_max
+  inner = 1.0 / (e - 1.0 + 1.0 / (1.0 / e_start - 1.0 / e_max)) + 1.0 / e_max
   return 1.0 / inner
 
 
