@@ -21,6 +21,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import os
 import statistics
@@ -301,6 +303,211 @@ def bench_generate(dims: dict) -> dict:
           "entries_after_decode": per_loop}
 
 
+INFER_DIMS = {"d_model": 256, "num_heads": 4, "num_kv_heads": 2, "head_dim": 64, "d_ff": 768,
+              "num_layers": 6, "vocab_size": 264, "seq_len": 256, "prompt": 128,
+              "new_tokens": 128, "batches": (8, 32)}
+QUICK_INFER_DIMS = {"d_model": 64, "num_heads": 2, "num_kv_heads": 1, "head_dim": 32,
+                    "d_ff": 128, "num_layers": 6, "vocab_size": 264, "seq_len": 32,
+                    "prompt": 16, "new_tokens": 16, "batches": (8,)}
+THIRDS = (1.0, 2 / 3, 1 / 3)
+INFER_VARIANTS: dict[str, dict | None] = {
+    "vanilla": None,
+    "recursive": {"strategy": "cycle", "num_loops": LOOPS},
+    "mor_expert": {"strategy": "cycle", "num_loops": LOOPS, "router": "expert",
+                   "capacities": THIRDS},
+    "mor_token": {"strategy": "cycle", "num_loops": LOOPS, "router": "token",
+                  "capacities": THIRDS, "balance": "bias"},
+}
+DECODE_GOAL = 1.4  # MoR decode tokens/s over the recursive model's, at mean depth 2/3
+
+
+def _stats_fn(model):
+  return jax.jit(lambda v, x: model.apply(v, x, mutable=["mor_stats"])[1]["mor_stats"])
+
+
+def calibrate_routers(mc: LMConfig, variables: dict, x_BT) -> dict:
+  """Biases that make a random-init router send on about 2/3 of the tokens at loop 2 and
+  1/3 at loop 3 (the capacities), so the capacity buffers are what routing needs.
+
+  Expert choice: router_bias[r] (a token goes on while sigmoid(score) > threshold);
+  token choice: the loss-free selection bias over depths (mor_bias), a third of the
+  tokens at each depth. Bisection on one batch (each share is monotone in its bias);
+  the fractions reached are reported, not assumed.
+  """
+  rc = mc.recursion
+  stats = _stats_fn(LM(mc))
+
+  def measure():
+    return jax.device_get(stats(variables, x_BT)["recursion"])
+
+  def bisect(setter, share, target, lo=-20.0, hi=20.0, steps=40):
+    for _ in range(steps):  # share(bias) increases with the bias
+      mid = (lo + hi) / 2
+      setter(mid)
+      lo, hi = (lo, mid) if share(measure()) > target else (mid, hi)
+    setter((lo + hi) / 2)
+
+  def set_bias(tree, key, i):
+    def setter(value):
+      b = np.array(tree[key])
+      b[i] = value
+      tree[key] = jnp.asarray(b, jnp.float32)
+    return setter
+
+  if rc.router == "expert":  # the share the router wants: kept + cut by the capacity rule
+    tree = variables["params"]["recursion"]
+    for r in (1, 2):
+      bisect(set_bias(tree, "router_bias", r),
+             lambda st, r=r: st["active_fraction"][r] + st["capacity_cut"][r], THIRDS[r])
+  else:
+    tree = variables["mor_bias"]["recursion"]
+    for _ in range(3):
+      bisect(set_bias(tree, "bias", 0), lambda st: st["depth_load"][0], 1 / 3)
+      bisect(set_bias(tree, "bias", 2), lambda st: st["depth_load"][2], 1 / 3)
+  st = measure()
+  return {"active_fraction": [float(a) for a in st["active_fraction"]],
+          "capacity_cut": [float(a) for a in st["capacity_cut"]],
+          "mean_depth": float(st["mean_depth"])}
+
+
+def _timed(fn, reps: int) -> list[float]:
+  out = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    out.append(time.perf_counter() - t0)
+  return out
+
+
+def build_inference(label: str, dims: dict, b: int) -> dict:
+  """Prefill (eval forward over T tokens) and a jitted decode scan of new_tokens steps.
+
+  Decoding is teacher-forced on the same random tokens (prompt + new_tokens = T): a
+  step's cost does not depend on which token it feeds, and the routing then equals the
+  calibrated full forward's (cached decoding equals the full forward), so the decode
+  steps run at the measured depth, not at a random-init model's greedy loop.
+  """
+  t, p, n = dims["seq_len"], dims["prompt"], dims["new_tokens"]
+  assert p + n == t, "prompt + new_tokens must equal seq_len"
+  config = make_config(dict(dims, batch=b), INFER_VARIANTS[label])
+  config.model.scan_layers = False  # XLA's cost analysis counts a scanned body once
+  mc = lm_config(config)
+  params = nn.unbox(LM(mc).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  variables = {"params": params}
+  rc = mc.recursion
+  if rc is not None and rc.router == "token":
+    variables["mor_bias"] = {"recursion": {"bias": jnp.zeros((rc.num_loops,), jnp.float32)}}
+  x_BT = jax.random.randint(jax.random.PRNGKey(1), (b, t), 0, dims["vocab_size"], jnp.int32)
+  row = {"recursion": INFER_VARIANTS[label] or {}, "batch": b}
+  if rc is not None and rc.router != "none":
+    row["prefill_routing"] = calibrate_routers(mc, variables, x_BT)
+  model = LM(mc)
+  prefill = jax.jit(lambda v, x: model.apply(v, x))
+  cost = prefill.lower(variables, x_BT).compile().cost_analysis()
+  row["prefill_xla_flops"] = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+  jax.block_until_ready(prefill(variables, x_BT))
+
+  dmc = dataclasses.replace(mc, max_seq_len=p + n)
+  dmodel = LM(dmc, decode=True)
+  prompt = x_BT[:, :p]
+
+  @jax.jit
+  def prefill_cache(v):
+    cache = init_cache(dmodel, b)
+    pos = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    logits, mut = dmodel.apply({**v, "cache": cache}, prompt, pos, mutable=["cache"])
+    return mut["cache"], jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+
+  def make_decode(with_stats: bool):
+    cols = ["cache", "mor_stats"] if with_stats else ["cache"]
+
+    @jax.jit
+    def decode(v, cache, tok):
+      del tok  # teacher-forced: step i feeds token p + i
+      def step(cache, i):
+        tok_B1 = jax.lax.dynamic_slice_in_dim(x_BT, p + i, 1, axis=1)
+        logits, mut = dmodel.apply({**v, "cache": cache}, tok_B1,
+                                   jnp.full((b, 1), p + i, jnp.int32), mutable=cols)
+        depth = (mut["mor_stats"]["recursion"]["mean_depth"] if with_stats
+                 else jnp.zeros((), jnp.float32))
+        return mut["cache"], (jnp.argmax(logits[:, 0], -1), depth)
+      _, (toks, depths) = jax.lax.scan(step, cache, jnp.arange(n))
+      return toks, depths
+    return decode
+
+  cache, tok = prefill_cache(variables)
+  if rc is not None and rc.router != "none":
+    _, depths = make_decode(True)(variables, cache, tok)
+    row["decode_mean_depth"] = float(jnp.mean(depths))
+  decode = make_decode(False)
+  t0 = time.perf_counter()
+  jax.block_until_ready(decode(variables, cache, tok))
+  row["decode_compile_plus_first_s"] = time.perf_counter() - t0
+  return {"label": label, "row": row, "prefill": lambda: prefill(variables, x_BT),
+          "decode": lambda: decode(variables, cache, tok), "prefill_times": [],
+          "decode_times": []}
+
+
+def bench_inference(dims: dict, reps: int) -> dict:
+  """Prefill FLOPs (XLA) and time, decode tokens/s; variants interleaved per round."""
+  out = {}
+  for b in dims["batches"]:
+    runs = []
+    for label in INFER_VARIANTS:
+      r = build_inference(label, dims, b)
+      print(f"  built {label:12s} batch {b}: prefill {r['row']['prefill_xla_flops'] / 1e9:.2f} "
+            f"GFLOP" + (f", routing {r['row']['prefill_routing']}" if "prefill_routing"
+                        in r["row"] else ""), flush=True)
+      runs.append(r)
+    for rep in range(reps):
+      for j in range(len(runs)):
+        r = runs[(j + rep) % len(runs)]
+        r["prefill_times"] += _timed(r["prefill"], 3)
+        r["decode_times"] += _timed(r["decode"], 1)
+    by = {r["label"]: r for r in runs}
+    rows = {}
+    n_tok = b * dims["new_tokens"]
+    for r in runs:
+      row = r["row"]
+      row["prefill_time_s"] = statistics.median(r["prefill_times"])
+      row["prefill_times_s"] = r["prefill_times"]
+      row["decode_time_s"] = statistics.median(r["decode_times"])
+      row["decode_times_s"] = r["decode_times"]
+      row["decode_tokens_per_s"] = n_tok / row["decode_time_s"]
+      rows[r["label"]] = row
+    rec = rows["recursive"]
+    for label in ("mor_expert", "mor_token"):
+      row = rows[label]
+      depth_frac = row["prefill_routing"]["mean_depth"] / LOOPS
+      flop_frac = row["prefill_xla_flops"] / rec["prefill_xla_flops"]
+      per_round_p = [statistics.median(a) / statistics.median(c) for a, c in zip(
+          np.split(np.array(by[label]["prefill_times"]), reps),
+          np.split(np.array(by["recursive"]["prefill_times"]), reps))]
+      time_frac = statistics.median(per_round_p)
+      speedup = statistics.median([c / a for a, c in zip(by[label]["decode_times"],
+                                                         by["recursive"]["decode_times"])])
+      row["vs_recursive"] = {
+          "mean_depth_fraction": depth_frac, "prefill_flop_fraction": flop_frac,
+          "flops_goal_met": bool(flop_frac <= depth_frac * 1.05),
+          "prefill_time_fraction": time_frac,
+          "prefill_time_fraction_spread": [min(per_round_p), max(per_round_p)],
+          "prefill_time_goal_met": bool(time_frac <= 1.2 * depth_frac),
+          "decode_speedup": speedup,
+          "decode_speedup_per_round": [c / a for a, c in zip(
+              by[label]["decode_times"], by["recursive"]["decode_times"])],
+          "decode_goal_met": bool(speedup >= DECODE_GOAL),
+      }
+      v = row["vs_recursive"]
+      print(f"  batch {b} {label:10s} depth {depth_frac:.3f}  flops {flop_frac:.3f}  prefill "
+            f"time {time_frac:.3f}  decode x{speedup:.2f} (depth {row.get('decode_mean_depth', 0):.2f})",
+            flush=True)
+    for label, row in rows.items():
+      print(f"  batch {b} {label:10s} prefill {row['prefill_time_s'] * 1e3:7.1f} ms  decode "
+            f"{row['decode_tokens_per_s']:8.0f} tok/s", flush=True)
+    out[f"batch_{b}"] = rows
+  return out
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--reps", type=int, default=7, help="interleaved rounds")
@@ -308,25 +515,45 @@ def main() -> None:
   ap.add_argument("--quick", action="store_true", help="tiny dims: a fast smoke run")
   ap.add_argument("--no_token", action="store_true", help="skip MoR token choice")
   ap.add_argument("--out", default="")
+  ap.add_argument("--only", default="", help="comma list of sections: train,cache,inference")
   a = ap.parse_args()
   out_path = a.out or os.path.join(
       ROOT, "benchmarks/results", "recursion_quick.json" if a.quick else "recursion.json")
   dims = QUICK_DIMS if a.quick else FULL_DIMS
   labels = [k for k in TRAIN_VARIANTS if not (a.no_token and "token" in k)]
+  only = set(a.only.split(",")) if a.only else {"train", "cache", "inference"}
   t_start = time.perf_counter()
-  print(f"train step ({a.reps} rounds x {a.steps} steps, interleaved)", flush=True)
-  train = bench_train(dims, a.reps, a.steps, labels)
-  print("decode KV cache", flush=True)
-  cache = bench_cache(dims)
-  gen = bench_generate(dims)
-  acct_counts = (train.get("mor_expert_1_.5_.25", {}).get("account_forward_flops_per_token", 0)
-                 < train.get("recursive", {}).get("account_forward_flops_per_token", 0))
+  train = cache = gen = infer = None
+  if "train" in only:
+    print(f"train step ({a.reps} rounds x {a.steps} steps, interleaved)", flush=True)
+    train = bench_train(dims, a.reps, a.steps, labels)
+  if "cache" in only:
+    print("decode KV cache", flush=True)
+    cache = bench_cache(dims)
+    gen = bench_generate(dims)
+  if "inference" in only:
+    print(f"inference: prefill and decode ({a.reps} rounds, interleaved)", flush=True)
+    infer = bench_inference(QUICK_INFER_DIMS if a.quick else INFER_DIMS, a.reps)
+  if os.path.exists(out_path) and only != {"train", "cache", "inference"}:
+    with open(out_path) as f:  # a partial run keeps the other sections' last results
+      old = json.load(f)
+    train = train if train is not None else old.get("train_step")
+    cache = cache if cache is not None else old.get("kv_cache")
+    gen = gen if gen is not None else old.get("generate")
+    infer = infer if infer is not None else old.get("inference")
+  acct_counts = ((train or {}).get("mor_expert_1_.5_.25", {}).get(
+      "account_forward_flops_per_token", 0) < (train or {}).get("recursive", {}).get(
+      "account_forward_flops_per_token", 0))
   out = {
       "benchmark": "recursion", "quick": a.quick, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
       "machine": machine_info(), "dims": dims, "num_loops": LOOPS, "reps": a.reps,
       "steps_per_rep": a.steps, "goal_time_over_flop_fraction": GOAL,
       "account_counts_mor_capacities": bool(acct_counts),
-      "train_step": train, "kv_cache": cache, "generate": gen,
+      "train_step": train, "kv_cache": cache, "generate": gen, "inference": infer,
+      "inference_dims": QUICK_INFER_DIMS if a.quick else INFER_DIMS,
+      "inference_goals": {"prefill_flops": "<= mean depth fraction x recursive x 1.05",
+                          "prefill_time": "<= 1.2 x mean depth fraction",
+                          "decode_tokens_per_s": f">= {DECODE_GOAL} x recursive"},
       "total_runtime_s": time.perf_counter() - t_start,
       "notes": (
           "Train step = jitted make_train_step (AdamW via make_optimizer, clip 1.0), "

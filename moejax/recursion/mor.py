@@ -203,7 +203,8 @@ class RecursiveStack(nn.Module):
     picked at run time among a few static sizes (multiples of B/8, via nn.switch), the
     smallest that holds every active row, so nothing is ever dropped and the result
     equals the masked path exactly; a step whose active rows need the whole batch runs
-    the masked path. Chosen over continuous depth-wise batching (Relaxed Recursive
+    the masked path, and a step with no active row skips the loop (its weights and
+    caches are not touched). Chosen over continuous depth-wise batching (Relaxed Recursive
     Transformers): it keeps `generate`'s one-token-per-sequence scan and its caches
     unchanged, at the cost of rounding each step's rows up to the next bucket.
     """
@@ -234,11 +235,15 @@ class RecursiveStack(nn.Module):
 
     sizes = decode_buckets(b)
     kv = {u: v for u, v in shared.items()} if c.recursion.kv_sharing else {}
-    if self.is_initializing() or len(sizes) == 1:
+    if self.is_initializing():
       return full(self, x_BTD, sel_BT, gate_BT, kv)
+
+    def skip(mdl, x_BTD, sel_BT, gate_BT, kv):  # no active row: the loop is not run
+      return x_BTD
+
     n_active = jnp.sum(sel_BT[:, 0].astype(jnp.int32))
-    index = jnp.searchsorted(jnp.asarray(sizes[:-1], jnp.int32), n_active)
-    branches = [functools.partial(gathered, n) for n in sizes[:-1]] + [full]
+    index = jnp.searchsorted(jnp.asarray([0] + sizes[:-1], jnp.int32), n_active)
+    branches = [skip] + [functools.partial(gathered, n) for n in sizes[:-1]] + [full]
     return nn.switch(index, branches, self, x_BTD, sel_BT, gate_BT, kv)
 
   def _core_names(self) -> list[str]:
