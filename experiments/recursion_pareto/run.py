@@ -86,6 +86,56 @@ def eval_both_routings(workdir: str, batches: int = 16) -> dict:
   return out
 
 
+def inference_throughput(names: list[str], workdir: str, batch: int = 16, seq_len: int = 128,
+                         reps: int = 7) -> dict:
+  """Eval-forward (prefill) tokens/s of each variant at the training shape, B x 128.
+
+  MoR runs load their trained checkpoint (their routers decide how many tokens each loop
+  runs, through the gathered inference path); the other variants' compute does not depend
+  on the weights, so a run directory is used when present and a fresh init otherwise.
+  Repetitions are interleaved across variants so machine noise hits all alike; the
+  median per variant is reported.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from moejax.config import load_config  # pylint: disable=g-import-not-at-top
+  from moejax.generate import load_run  # pylint: disable=g-import-not-at-top
+  from moejax.models.lm import LM, LMConfig  # pylint: disable=g-import-not-at-top
+  fns = {}
+  x_BT = None
+  for name in names:
+    cfg_name, overrides = VARIANTS[name]
+    wd = os.path.join(workdir, name)
+    if os.path.exists(os.path.join(wd, "config.json")):
+      _, _, mc, params, _, state = load_run(wd)
+      variables = {"params": params, **state}
+    else:
+      assert not cfg_name.startswith("mor"), f"{name}: MoR throughput needs its trained run in {wd}"
+      c = load_config(os.path.join(ROOT, f"configs/recursion/{cfg_name}.py"),
+                      [f"--config.{o}" for o in overrides])
+      mc = LMConfig.from_config(c.model, seq_len=c.data.seq_len, vocab_size=257)
+      variables = {"params": nn.unbox(LM(mc).init(jax.random.PRNGKey(0),
+                                                  jnp.zeros((1, 8), jnp.int32))["params"])}
+    if x_BT is None:
+      x_BT = jax.random.randint(jax.random.PRNGKey(1), (batch, seq_len), 0, 256, jnp.int32)
+    model = LM(mc)
+    f = jax.jit(lambda v, x, model=model: model.apply(v, x))
+    jax.block_until_ready(f(variables, x_BT))
+    fns[name] = (f, variables)
+  times = {n: [] for n in names}
+  for _ in range(reps):
+    for n, (f, v) in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(v, x_BT))
+      times[n].append(time.perf_counter() - t0)
+  tokens = x_BT.size
+  return {n: {"tokens_per_s": tokens / float(np.median(t)),
+              "spread": float((max(t) - min(t)) / np.median(t)), "batch": batch, "reps": reps}
+          for n, t in times.items()}
+
+
 def plot(rows: list[dict], path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -108,17 +158,26 @@ def write_tables(a, rows):
     json.dump({"base_steps": a.steps, "rows": rows}, f, indent=2)
   van = next((r for r in rows if r["variant"] == "vanilla"), None)
   lines = ["| variant | unique params | train MFLOP/token | steps | tokens | val bpb | vs vanilla "
-           "| MoR top-k routing bpb | mean depth (inference) | train time (noisy) |",
+           "| MoR train-mode routing bpb (gap) | mean depth (inference) | train time (noisy) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
+  if any("inference" in r for r in rows):
+    lines[0] = lines[0].replace(" train time (noisy) |",
+                                " train time (noisy) | prefill tok/s (vs vanilla) |")
+    lines[1] += "---|"
+  van_tps = van.get("inference", {}).get("tokens_per_s") if van else None
   for r in rows:
     rel = f"{r['final_val_bpb'] - van['final_val_bpb']:+.3f}" if van else ""
     mor = r.get("routing_eval")
-    topk = f"{mor['topk']['val_bpb']:.3f}" if mor else "-"
+    topk = (f"{mor['topk']['val_bpb']:.3f} "
+            f"({mor['topk']['val_bpb'] - mor['threshold']['val_bpb']:+.3f})" if mor else "-")
     depth = f"{mor['threshold']['mean_depth']:.2f}" if mor else "-"
     lines.append(
         f"| {r['variant']} | {r['total_params'] / 1e6:.3f}M | "
         f"{r['train_flops_per_token'] / 1e6:.2f} | {r['steps']} | {r['tokens'] / 1e6:.2f}M | "
-        f"{r['final_val_bpb']:.3f} | {rel} | {topk} | {depth} | {r['train_time_s']:.0f}s |")
+        f"{r['final_val_bpb']:.3f} | {rel} | {topk} | {depth} | {r['train_time_s']:.0f}s |"
+        + (f" {r['inference']['tokens_per_s'] / 1e3:.1f}k"
+           + (f" ({r['inference']['tokens_per_s'] / van_tps:.2f}x) |" if van_tps else " |")
+           if "inference" in r else (" - |" if "inference" in lines[0] else "")))
   with open(os.path.join(HERE, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines), flush=True)
@@ -128,12 +187,14 @@ def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--variants", default=",".join(VARIANTS))
   p.add_argument("--steps", type=int, default=600, help="the vanilla model's steps")
+  p.add_argument("--throughput", action="store_true",
+                 help="after training, measure every row's prefill tokens/s (interleaved)")
   p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "recursion_pareto"))
   a = p.parse_args()
   path = os.path.join(HERE, "results.json")
   rows = json.load(open(path))["rows"] if os.path.exists(path) else []
   budget = accounting("vanilla", []).train_flops_per_token * a.steps
-  for name in a.variants.split(","):
+  for name in [v for v in a.variants.split(",") if v]:
     cfg_name, overrides = VARIANTS[name]
     acct = accounting(cfg_name, overrides)
     steps = round(budget / acct.train_flops_per_token)
@@ -169,6 +230,10 @@ def main() -> None:
     rows = [r for r in rows if r["variant"] != name] + [row]
     print(json.dumps(row), flush=True)
     write_tables(a, rows)
+  if a.throughput:
+    tput = inference_throughput([r["variant"] for r in rows], a.workdir)
+    for r in rows:
+      r["inference"] = tput[r["variant"]]
   order = list(VARIANTS)
   rows.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99)
   write_tables(a, rows)
