@@ -17,12 +17,20 @@ have different static shapes). With a recursion router (MoR) each step r:
           plus a loss-free bias if balance='bias'); a token runs steps r < depth, its
           updates gated by its chosen probability. Balancing loss and z-loss.
 
+Causality. Every inference path is causal, and so is every training path but expert
+choice's top-k over the sequence (the method needs it; a config must say
+model.recursion.allow_noncausal_training). A capacity below 1 is enforced by the causal
+capacity rule: of the tokens the router sends on at step r, the first ceil(capacity_r * T)
+of each sequence by position are kept, later ones exit there (stats: capacity_cut; while
+decoding a per-sequence counter in the cache carries the count across calls).
+
 Attention at a step runs among the tokens active at that step (recursion-wise); with
 kv_sharing every later step attends to the first step's keys/values instead. Steps at
-capacity 1.0 keep every active token (the router still gates). At inference (and while
-decoding) the active sets are masks over all tokens: the masked path is also the
-reference that the gathered training path is tested against (dispatch='mask' forces it
-everywhere: same results, no savings).
+capacity 1.0 keep every active token (the router still gates). Eval and prefill gather
+the kept tokens of each step into static buffers of ceil(capacity_r * T) rows per
+sequence, so exited tokens cost nothing; decoding gathers the active rows into a bounded
+row buffer (`_decode_rows`). dispatch='mask' runs every token and masks the results: the
+reference every gathered path is tested against (same results, no savings).
 
 Decoding keeps, per loop, only the K/V of tokens that reached it (recursion-wise cache;
 `kv_cache_fractions` sizes each loop's compacted cache, and a token finding its loop's
