@@ -313,6 +313,26 @@ def test_capacity_equals_reference_without_dropped(backend, capacity):
   np.testing.assert_array_equal(dropped, want)
 
 
+@pytest.mark.parametrize("backend", IMPLS)
+def test_masked_tokens_get_nothing_and_take_no_slot(backend):
+  """Masked-out tokens (a router's token_mask_N: sentinel token N, gate 0) get zero output
+  and no gradient and take no capacity slot: tokens 0-3 are masked and come first to
+  expert 0, and with capacity 4 the real tokens 4-7 still keep all four slots."""
+  n, e = 8, 3
+  logits = jnp.zeros((n, e)).at[:, 0].set(5.0)
+  mask = jnp.arange(n) >= 4
+  r = _plain(_topk(logits, 1, token_mask_N=mask))
+  np.testing.assert_array_equal(r.token_A, [n] * 4 + [4, 5, 6, 7])
+  np.testing.assert_array_equal(r.load_E(), [4, 0, 0])
+  x, *ws = _params(21, n, D, F, e)
+  dropped = _check_against_reference(backend, x, ws, r,
+                                     capacity=4 if backend in CAPACITY else None)
+  assert not np.any(dropped)
+  y, _ = _forward(x, ws, r, backend=backend, capacity=4 if backend in CAPACITY else None)
+  np.testing.assert_array_equal(np.asarray(y[:4]), 0.0)
+  assert float(jnp.min(jnp.abs(y[4:]).sum(-1))) > 0
+
+
 def test_capacity_slots_are_expert_major():
   r = _routing_from_lists([[2, 0, 2, 2]], [[1.0] * 4], 3)
   slot_A, dropped_A = jax.jit(dispatch.capacity_slots, static_argnums=1)(r, 2)

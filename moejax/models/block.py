@@ -2,9 +2,10 @@
 
 `cfg` is an `LMConfig` (moejax.models.lm). A block inside a recursive model's looped
 core (`shared=True`) is called once per loop: it takes the loop index (per-loop LoRA,
-per-loop norms, a KV cache per loop), an optional token mask (Mixture-of-Recursions) and
-optional shared keys/values, and returns its keys/values for KV sharing. While decoding,
-`rows_N` says which batch rows of the caches the (row-gathered) input holds.
+per-loop norms, a KV cache per loop), an optional token mask (Mixture-of-Recursions: the
+tokens attention keeps as keys and the MoE FFN counts) and optional shared keys/values,
+and returns its keys/values for KV sharing. While decoding, `rows_N` says which batch rows
+of the caches the (row-gathered) input holds.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Block(nn.Module):
     h = RMSNorm(c.norm_eps, cdt, pdt, copies, name="ffn_norm")(x_BTD, loop)
     if self.kind == "moe":
       ffn = MoEFFN(c.moe, c.init_std, c.out_std, self.deterministic, cdt, pdt, name="moe")
-      x_BTD = x_BTD + ffn(h, tokens_BT, loop=loop)
+      x_BTD = x_BTD + ffn(h, tokens_BT, loop=loop, token_mask_BT=token_mask_BT)
     else:
       x_BTD = x_BTD + MLP(c.d_ff, c.init_std, c.out_std, cdt, pdt, loops, lora_rank, lora_scale,
                           name="ffn")(h, loop)

@@ -9,7 +9,10 @@ it); gates multiply in float32 and a token's assignments are summed in float32, 
 dtype at the end. Backends differ in speed, never in results (tests/test_dispatch.py checks
 outputs and gradients against "reference"), except that the capacity backends drop the
 assignments that overflow an expert's buffer (dropped_A says which; they contribute 0 and the
-token passes through the residual outside this function).
+token passes through the residual outside this function). Assignments of masked-out tokens
+(token_A == N, gate 0: see moejax/moe/routing.py) add nothing to any output; the capacity
+backends give them no slot and do not count them in the positions that decide drops, and
+the tiled backends give them no row.
 
 Backends (`BACKENDS`):
   reference        every expert on every token ([E, N, F]), combined by
@@ -147,10 +150,18 @@ def capacity_slots(routing: Routing, capacity: int) -> tuple[Array, Array]:
   """(slot_A, dropped_A): the [E * C] buffer slot e * C + p_a of each assignment (E * C,
   out of range, when dropped: p_a >= C)."""
   e = routing.num_experts
-  pos_A = _sort_by_expert(routing.expert_A, e)[2]
-  dropped_A = pos_A >= capacity
-  slot_A = jnp.where(dropped_A, e * capacity, routing.expert_A * capacity + pos_A)
+  valid_A, pos_A, _ = _real_positions(routing)
+  dropped_A = valid_A & (pos_A >= capacity)
+  slot_A = jnp.where(dropped_A | ~valid_A, e * capacity, routing.expert_A * capacity + pos_A)
   return slot_A, dropped_A
+
+
+def _real_positions(routing: Routing) -> tuple[Array, Array, Array]:
+  """(valid_A, pos_A, count_E) counting real tokens' assignments only: masked-out ones go
+  to a virtual expert E, so they take no position and no count."""
+  e, valid_A = routing.num_experts, routing.valid_A()
+  _, _, pos_A, count_E = _sort_by_expert(jnp.where(valid_A, routing.expert_A, e), e + 1)
+  return valid_A, pos_A, count_E[:e]
 
 
 def _check_capacity(capacity) -> int:
@@ -219,23 +230,24 @@ def tiled_layout(routing: Routing, tile: int, capacity: int | None = None
                  ) -> tuple[Array, Array, Array, Array]:
   """Sorted, tile-padded rows: each expert's assignments, in A order, from a tile boundary.
 
-  With `capacity`, only the first `capacity` assignments of each expert get rows.
+  With `capacity`, only the first `capacity` assignments of each expert get rows; masked-out
+  tokens' assignments get none.
   Returns (assign_R, expert_G, num_tiles, dropped_A): the assignment of each of the
   R = G * tile rows (sentinel A for padding), the expert of each of the G tiles (G is a
   static upper bound: ceil(A / tile) + E, and at most E * ceil(capacity / tile)), the
   number of tiles in use, and the dropped mask.
   """
   a, e = routing.token_A.shape[0], routing.num_experts
-  _, _, pos_A, count_E = _sort_by_expert(routing.expert_A, e)
+  valid_A, pos_A, count_E = _real_positions(routing)
   g = -(-a // tile) + e
   if capacity is not None:
     count_E = jnp.minimum(count_E, capacity)
     g = min(g, e * -(-capacity // tile))
-  dropped_A = (pos_A >= capacity) if capacity is not None else jnp.zeros((a,), bool)
+  dropped_A = valid_A & (pos_A >= capacity) if capacity is not None else jnp.zeros((a,), bool)
   tiles_E = -(-count_E // tile)
   tile_end_E = jnp.cumsum(tiles_E)
   row_start_E = (tile_end_E - tiles_E) * tile
-  row_A = jnp.where(dropped_A, g * tile, row_start_E[routing.expert_A] + pos_A)
+  row_A = jnp.where(dropped_A | ~valid_A, g * tile, row_start_E[routing.expert_A] + pos_A)
   expert_G = jnp.searchsorted(tile_end_E, jnp.arange(g, dtype=jnp.int32), side="right")
   expert_G = jnp.minimum(expert_G, e - 1).astype(jnp.int32)
   return _invert(row_A, g * tile), expert_G, tile_end_E[-1], dropped_A

@@ -7,6 +7,16 @@ Side outputs live in named, non-param flax collections so the model stays pure:
                 updates it after each optimizer step with `update_bias`;
   "moe_routes": (analysis only) each token's gate per expert, see `token_assignments`.
 With `nn.scan` over layers each collection gets a leading layer axis.
+
+`token_mask_BT` (bool, None = every token is real) marks the tokens that count: a
+Mixture-of-Recursions loop's active tokens on its masked path, the real rows of its
+gathered buffers on the gathered path. A masked-out token adds nothing to the loads, the
+losses, the statistics (so nor to the bias update) or the dispatch, and gets zero output,
+so both paths give the same numbers. Not exact across the two paths where the result
+depends on the static token count: the capacity backends' slots per expert and expert
+choice's per-sequence capacity are sized from the (masked or gathered) buffer length
+(and the expert-parallel capacity exchange still gives masked tokens slots, with gate 0),
+and jitter noise is drawn per buffer row.
 """
 
 from __future__ import annotations
@@ -74,19 +84,21 @@ class MoEConfig:
 
 
 def route(cfg: MoEConfig, logits_NE: Array | None, token_ids_N: Array | None, bias_E: Array | None,
-          seq_shape: tuple[int, int], capacity_factor: float) -> routing_lib.Routing:
-  """The router selected by cfg.router."""
+          seq_shape: tuple[int, int], capacity_factor: float,
+          token_mask_N: Array | None = None) -> routing_lib.Routing:
+  """The router selected by cfg.router (masked-out tokens count for nothing)."""
   if cfg.router == "topk":
-    return routing_lib.topk_softmax(logits_NE, cfg.k, renormalize=cfg.renormalize)
+    return routing_lib.topk_softmax(logits_NE, cfg.k, renormalize=cfg.renormalize,
+                                    token_mask_N=token_mask_N)
   if cfg.router == "deepseek":
     return routing_lib.deepseek_v3(logits_NE, bias_E, cfg.k, n_groups=cfg.n_groups,
                                    topk_groups=cfg.topk_groups, route_scale=cfg.route_scale,
-                                   seq_shape=seq_shape)
+                                   seq_shape=seq_shape, token_mask_N=token_mask_N)
   if cfg.router == "expert_choice":
     c = max(1, math.ceil(capacity_factor * seq_shape[1] * cfg.k / cfg.num_experts))
-    return routing_lib.expert_choice(logits_NE, c, seq_shape)
+    return routing_lib.expert_choice(logits_NE, c, seq_shape, token_mask_N)
   if cfg.router == "hash":
-    return routing_lib.hash_routing(token_ids_N, cfg.num_experts)
+    return routing_lib.hash_routing(token_ids_N, cfg.num_experts, token_mask_N)
   raise ValueError(f"model.moe.router = {cfg.router!r}; allowed: topk, deepseek, "
                    "expert_choice, hash")
 
@@ -100,13 +112,16 @@ class MoEFFN(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BTD: Array, token_ids_BT: Array | None = None, loop: int = 0) -> Array:
+  def __call__(self, x_BTD: Array, token_ids_BT: Array | None = None, loop: int = 0,
+               token_mask_BT: Array | None = None) -> Array:
     """`loop` > 0: another call of a shared (recursive) block; its losses and loads add to
-    the earlier calls', the other statistics are averaged over the calls."""
+    the earlier calls', the other statistics are averaged over the calls.
+    `token_mask_BT`: the tokens that count (module docstring); the others get output 0."""
     c = self.cfg
     b, t, d = x_BTD.shape
     n, e, f = b * t, c.num_experts, c.expert_d_ff
     x_ND = x_BTD.reshape(n, d).astype(self.dtype)
+    mask_N = None if token_mask_BT is None else token_mask_BT.reshape(n).astype(bool)
 
     logits_NE, bias = None, None
     std_in, std_out = self.init_std * c.init_scale, self.out_std * c.init_scale
@@ -123,7 +138,7 @@ class MoEFFN(nn.Module):
       bias = self.variable("moe_bias", "bias", jnp.zeros, (e,), jnp.float32).value
     cf = c.eval_capacity_factor if self.deterministic else c.capacity_factor
     r = route(c, logits_NE, None if token_ids_BT is None else token_ids_BT.reshape(n), bias,
-              (b, t), cf)
+              (b, t), cf, mask_N)
 
     w_gate = self.param("gate", param_init(std_in, ("expert", "embed", "expert_mlp")),
                         (e, d, f), self.param_dtype)
@@ -155,6 +170,8 @@ class MoEFFN(nn.Module):
     if c.num_shared:
       y_BTD = y_BTD + MLP(c.num_shared * f, std_in, std_out, self.dtype,
                           self.param_dtype, name="shared")(x_BTD)
+    if token_mask_BT is not None:
+      y_BTD = jnp.where(token_mask_BT[..., None].astype(bool), y_BTD, 0).astype(self.dtype)
 
     coefs = {"load_balance": c.load_balance_coef, "z_loss": c.z_loss_coef,
              "seq_balance": c.seq_balance_coef}
