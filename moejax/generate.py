@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from moejax import parallel
 from moejax.models.lm import LM, LMConfig
 
 
@@ -93,10 +94,10 @@ def generate(cfg: LMConfig, params, prompt_BP: jax.Array, max_new_tokens: int, *
 def load_run(workdir: str):
   """(config, tokenizer, LMConfig, params, step, model_state) of the newest good
   checkpoint in workdir."""
-  from moejax.data import make_tokenizer
-  from moejax.train import checkpoint as ckpt_lib
-  from moejax import parallel
-  from moejax.train.loop import abstract_train_state, build_model
+  # lazy: generate() itself needs neither tensorflow_datasets nor orbax
+  from moejax.data import make_tokenizer  # pylint: disable=g-import-not-at-top
+  from moejax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from moejax.train.loop import abstract_train_state, build_model  # pylint: disable=g-import-not-at-top
 
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):

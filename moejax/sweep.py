@@ -40,6 +40,8 @@ import sys
 import time
 from typing import Any, Iterable, Sequence
 
+from moejax import config as config_lib
+
 Point = dict[str, Any]
 EXIT_INVALID_CONFIG = 2  # moejax.train's exit status for a config it rejects
 
@@ -98,7 +100,6 @@ def _split_spec(spec: str) -> tuple[str, str]:
 def load_sweep(spec: str) -> list[Point]:
   """The points of `FILE[:arg]`, each checked against the config (unknown fields, bad
   values) before anything runs."""
-  from moejax import config as config_lib  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
   path, arg = _split_spec(spec)
   if not os.path.exists(path):
@@ -305,14 +306,13 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--retries", type=int, default=1)
   ap.add_argument("--progress", action="store_true", help="show each point's progress bar")
   a = ap.parse_args(argv)
-  from moejax.config import ConfigError  # pylint: disable=g-import-not-at-top
   if a.collect:
     rows = collect(a.workdir)
     print(f"[sweep] {len(rows)} rows -> {os.path.join(a.workdir, 'results.csv')}")
     return 0
   try:
     points = load_sweep(a.config)
-  except ConfigError as e:
+  except config_lib.ConfigError as e:
     print(f"[sweep] error: {e}", file=sys.stderr)
     return 2
   chosen = _select(points, a.only)

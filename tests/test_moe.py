@@ -15,7 +15,8 @@ from moejax import flops
 from moejax.config import ConfigError, load_config, validate
 from moejax.models.lm import LM, LMConfig
 from moejax.moe import routing as R
-from moejax.moe.layer import MoEConfig, token_assignments, update_bias
+from moejax.moe.layer import MoEConfig, token_assignments
+from moejax.moe.side_outputs import update_bias
 from moejax.train.loop import init_state
 from moejax.train.optimizer import make_optimizer
 from moejax.train.steps import make_train_step

@@ -20,7 +20,8 @@ import pytest
 
 from moejax.config import base_config, validate
 from moejax.models.lm import LM, LMConfig
-from moejax.moe.layer import MoEConfig, MoEFFN, update_bias
+from moejax.moe.layer import MoEConfig, MoEFFN
+from moejax.moe.side_outputs import update_bias
 from test_recursion import T, V, draw_params, tokens, variables
 
 COLS = ["moe_losses", "moe_stats", "mor_losses", "mor_stats"]

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from moejax.layers.common import Array, RMSNorm, constrain, dtype, param_init
 from moejax.models.block import REMAT_POLICIES, Block, BlockGroup  # noqa: F401 (re-exported)
 from moejax.moe.layer import MoEConfig
+from moejax.recursion.mor import RecursiveStack
 from moejax.recursion.sharing import RecursionConfig
 
 
@@ -114,7 +115,6 @@ class LM(nn.Module):
 
     layer = 0
     if c.recursion is not None:
-      from moejax.recursion.mor import RecursiveStack  # pylint: disable=g-import-not-at-top
       x_BTD = RecursiveStack(c, self.decode, self.deterministic, name="recursion")(
           x_BTD, positions_BT, tokens_BT)
     for name, kinds, repeats in ([] if c.recursion is not None else c.segments()):

@@ -4,7 +4,8 @@ Side outputs live in named, non-param flax collections so the model stays pure:
   "moe_losses": this layer's weighted auxiliary losses (added to the training loss);
   "moe_stats":  telemetry (load histogram, max/mean load, CV, dropped fraction, entropy);
   "moe_bias":   the DeepSeek selection bias, not trained by gradients; the train step
-                updates it after each optimizer step with `update_bias`;
+                updates it after each optimizer step with
+                `moejax.moe.side_outputs.update_bias`;
   "moe_routes": (analysis only) each token's gate per expert, see `token_assignments`.
 With `nn.scan` over layers each collection gets a leading layer axis.
 
@@ -31,7 +32,11 @@ import jax.numpy as jnp
 
 from moejax.layers.common import Array, constrain, param_init
 from moejax.layers.mlp import MLP
+from moejax.moe import expert_parallel as ep_lib
 from moejax.moe import routing as routing_lib
+from moejax.moe.config import CAPACITY_BACKENDS
+from moejax.moe.dispatch import expert_capacity, moe_ffn
+from moejax.moe.side_outputs import stack_moe_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,12 +151,10 @@ class MoEFFN(nn.Module):
                       (e, d, f), self.param_dtype)
     w_down = self.param("down", param_init(std_out, ("expert", "expert_mlp", "embed")),
                         (e, f, d), self.param_dtype)
-    from moejax.moe.dispatch import CAPACITY_BACKENDS, expert_capacity, moe_ffn  # pylint: disable=g-import-not-at-top
     mesh = _expert_mesh() if c.expert_dispatch != "gspmd" else None
     if mesh is not None and c.router != "expert_choice":
       # expert parallel: tokens go to the experts' devices (shard_map), capacity-padded
       # for the capacity backends, exact (dropless) for the others
-      from moejax.moe import expert_parallel as ep_lib  # pylint: disable=g-import-not-at-top
       k = r.expert_A.shape[0] // n
       args = (x_ND, r.expert_A.reshape(k, n).T, r.gate_A.reshape(k, n).T,
               w_gate.astype(self.dtype), w_up.astype(self.dtype), w_down.astype(self.dtype))
@@ -206,29 +209,6 @@ def _expert_mesh():
   return mesh if mesh.shape.get("expert", 1) > 1 else None
 
 
-def update_bias(moe_bias: Any, moe_stats: Any, rate: float) -> Any:
-  """Aux-loss-free balancing: b_i += rate * sign(mean_load - load_i), per layer.
-
-  `moe_stats` comes from the forward pass over the whole (global) batch, so the loads
-  are global counts. Trees: moe_bias[...]["bias"] pairs with moe_stats[...]["load"].
-  """
-  def upd(path_bias, stats_node):
-    load = stats_node["load"]
-    mean = jnp.mean(load, axis=-1, keepdims=True)
-    return path_bias + rate * jnp.sign(mean - load)
-
-  def walk(bias_node, stats_node):
-    if isinstance(bias_node, dict) or hasattr(bias_node, "items"):
-      if "bias" in bias_node and not hasattr(bias_node["bias"], "items"):
-        out = dict(bias_node)
-        out["bias"] = upd(bias_node["bias"], stats_node)
-        return out
-      return {k: walk(v, stats_node[k]) for k, v in bias_node.items()}
-    raise TypeError(f"unexpected moe_bias node {type(bias_node)}")
-
-  return walk(moe_bias, moe_stats)
-
-
 def token_assignments(model, params, model_state: dict, tokens_BT: Array) -> dict[str, Array]:
   """Token -> expert routing of every MoE layer for a batch (notebooks, analysis).
 
@@ -236,7 +216,6 @@ def token_assignments(model, params, model_state: dict, tokens_BT: Array) -> dic
   "experts": [layers, B, T, E] bool}. `model` is an LM (deterministic=True for eval-time
   routing); layers are the MoE layers in depth order.
   """
-  from moejax.train.steps import stack_moe_layers  # pylint: disable=g-import-not-at-top
   _, side = model.apply({"params": params, **model_state}, tokens_BT, mutable=["moe_routes"])
   gates = stack_moe_layers(side.get("moe_routes", {})).get("gates")
   if gates is None:

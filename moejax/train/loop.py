@@ -28,11 +28,12 @@ import numpy as np
 import optax
 
 from moejax import config as config_lib
+from moejax import distributed
 from moejax import flops as flops_lib
 from moejax import parallel
 from moejax.models.lm import LM, STATE_COLLECTIONS, LMConfig
 from moejax.train import checkpoint as ckpt_lib
-from moejax.train.metrics import MetricsWriter
+from moejax.train.metrics import MetricsWriter, read_metrics
 from moejax.train.optimizer import make_optimizer
 from moejax.train.steps import TrainState, make_eval_step, make_train_step
 
@@ -332,7 +333,6 @@ def train(config, workdir: str) -> dict:
   ckpt.close()
 
   if is_main:  # the whole curve, including evaluations from before a resume
-    from moejax.train.metrics import read_metrics
     evals = [{"step": r["step"], "loss": r["loss"], "bpb": r["bpb"]}
              for r in read_metrics(workdir) if r["split"] == "eval"]
   summary = {
@@ -417,7 +417,6 @@ def main(argv: list[str] | None = None) -> int:
   except config_lib.ConfigError as e:
     print(f"moejax: invalid config: {e}", file=sys.stderr)
     return 2
-  from moejax import distributed  # pylint: disable=g-import-not-at-top
   try:
     distributed.initialize(config.dist)
   except ValueError as e:

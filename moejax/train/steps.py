@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
 import flax.struct
@@ -10,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moejax.moe.layer import update_bias
+from moejax.moe.side_outputs import stack_moe_layers, update_bias
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -32,49 +31,6 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Arr
   losses = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32),
                                                            targets_BT)
   return losses.sum(), jnp.asarray(losses.size, jnp.float32)
-
-
-def _natural_key(s: str):
-  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(s))]
-
-
-def _moe_nodes(tree: Any) -> list[dict]:
-  """The per-layer leaf dicts of a moe_* collection in layer order (natural key sort)."""
-  if not hasattr(tree, "items"):
-    return []
-  if tree and all(not hasattr(v, "items") for v in tree.values()):
-    return [tree]
-  out = []
-  for k in sorted(tree.keys(), key=_natural_key):
-    out += _moe_nodes(tree[k])
-  return out
-
-
-def stack_moe_layers(tree: Any) -> dict[str, jax.Array]:
-  """{name: [num_moe_layers, ...]} from a moe_stats / moe_losses tree (scanned or not)."""
-  nodes = _moe_nodes(tree)
-  if not nodes:
-    return {}
-  names = sorted(set().union(*[n.keys() for n in nodes]))
-  out = {}
-  for name in names:
-    parts = []
-    for n in nodes:
-      v = n.get(name)
-      if v is None:
-        continue
-      # scanned segments carry a leading repeat axis; unrolled layers do not
-      parts.append(v if v.ndim and _is_scanned(n) else v[None])
-    out[name] = jnp.concatenate(parts, axis=0)
-  return out
-
-
-def _is_scanned(node: dict) -> bool:
-  # Per layer: "load"/"bias" are [E], "gates" [N, E], scalars []; scanned adds a leading R.
-  for name, ndim in (("load", 1), ("bias", 1), ("gates", 2)):
-    if name in node:
-      return node[name].ndim == ndim + 1
-  return all(v.ndim == 1 for v in node.values())
 
 
 def mor_tree(tree: Any) -> dict[str, jax.Array]:
