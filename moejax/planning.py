@@ -122,6 +122,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import parallel
+from moejax.config import load_config
 from moejax.models.lm import LM, LMConfig
 from moejax.moe.config import CAPACITY_BACKENDS
 from moejax.moe.dispatch import expert_capacity, tile_size
@@ -498,7 +499,6 @@ def format_plan(name: str, r: dict) -> str:
 
 
 def main(argv=None) -> int:
-  from moejax.config import load_config  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(prog="moejax.planning", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True)

@@ -34,10 +34,6 @@ ALLOWED = {
         "load_run() only: generate() stays free of orbax",
     ("moejax.generate", "moejax.train.loop"):
         "load_run() only: train.loop imports the checkpointer (orbax)",
-    ("moejax.planning", "moejax.config"):
-        "no technical reason (no cycle, config is light): main()'s import was left as it "
-        "is because moejax/planning.py belongs to the planner work (issue 12, defect 7); "
-        "it can move to the top",
 }
 
 
