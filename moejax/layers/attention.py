@@ -58,7 +58,17 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BTD: Array, positions_BT: Array, *, loop: int = 0, slot: int = 0,
                token_mask_BT: Array | None = None, shared_kv: tuple | None = None,
-               return_kv: bool = False, rows_N: Array | None = None):
+               return_kv: bool = False, rows_N: Array | None = None,
+               cache_view: tuple | None = None, write_kv: tuple | None = None):
+    """cache_view / write_kv split a row-gathered decoding step (MoR) in two, so the
+    caches stay out of the conditional that picks the row buffer (XLA copies whole
+    caches through a conditional's branches): cache_view = this slot's compact cache
+    (k, v, pos, count; full batch, read only) -> attend over the rows_N rows with the new
+    token placed where the write will put it, and return its (k, v) instead of writing;
+    write_kv = (k_BTKD, v_BTKD) -> only write them into the cache (token_mask_BT, slot)."""
+    if write_kv is not None:
+      self._update_compact_cache(*write_kv, positions_BT, token_mask_BT, slot)
+      return None
     d = x_BTD.shape[-1]
     h, k, dh = self.num_heads, self.num_kv_heads, self.head_dim
     w_q = self.param("q", param_init(self.init_std, ("embed", "heads", "head_dim")),
@@ -93,7 +103,10 @@ class Attention(nn.Module):
       v_BTKD = proj("v", x, w_v, "btd,dke->btke")
       k_BTKD = constrain(rope(k_BTKD, positions_BT, self.rope_theta),
                          ("batch", "length", "kv_heads", "head_dim"))
-      if self.decode and token_mask_BT is not None:
+      if cache_view is not None:
+        k_all, v_all, kpos_BS, kvalid_BS = self._view_compact_cache(
+            cache_view, k_BTKD, v_BTKD, positions_BT, token_mask_BT, rows_N)
+      elif self.decode and token_mask_BT is not None:
         k_all, v_all, kpos_BS, kvalid_BS = self._update_compact_cache(
             k_BTKD, v_BTKD, positions_BT, token_mask_BT, slot, rows_N)
       elif self.decode:
@@ -107,9 +120,28 @@ class Attention(nn.Module):
     out_BTHD = attend(q_BTHD, k_all, v_all, mask_BTS)
     out_BTD = proj("o", out_BTHD, w_o, "bthe,hed->btd", n_in=2)
     out_BTD = constrain(out_BTD, ("batch", "length", "embed"))
+    if return_kv and cache_view is not None:
+      return out_BTD, (k_BTKD, v_BTKD)
     if return_kv:
       return out_BTD, (k_all, v_all, kpos_BS, kvalid_BS)
     return out_BTD
+
+  @staticmethod
+  def _view_compact_cache(view, k_BTKD, v_BTKD, positions_BT, mask_BT, rows_N):
+    """The rows_N rows of a compact cache as `_update_compact_cache` would leave them
+    (same slots, same values), without writing it."""
+    ck, cv, cpos, count = view
+    s = ck.shape[1]
+    rows = jnp.arange(ck.shape[0]) if rows_N is None else rows_N
+    cnt_N = count[rows]
+    m = mask_BT.astype(jnp.int32)
+    dest_BT = jnp.where(mask_BT, cnt_N[:, None] + jnp.cumsum(m, axis=1) - 1, s)
+    r_N1 = jnp.arange(rows.shape[0])[:, None]
+    k_all = ck[rows].at[r_N1, dest_BT].set(k_BTKD.astype(ck.dtype), mode="drop")
+    v_all = cv[rows].at[r_N1, dest_BT].set(v_BTKD.astype(cv.dtype), mode="drop")
+    kpos = cpos[rows].at[r_N1, dest_BT].set(positions_BT.astype(jnp.int32), mode="drop")
+    written_BS = jnp.arange(s)[None, :] < (cnt_N + m.sum(axis=1))[:, None]
+    return k_all, v_all, kpos, written_BS
 
   @staticmethod
   def _names(slot: int) -> tuple[str, ...]:

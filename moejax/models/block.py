@@ -5,7 +5,8 @@ core (`shared=True`) is called once per loop: it takes the loop index (per-loop 
 per-loop norms, a KV cache per loop), an optional token mask (Mixture-of-Recursions: the
 tokens attention keeps as keys and the MoE FFN counts) and optional shared keys/values,
 and returns its keys/values for KV sharing. While decoding, `rows_N` says which batch rows
-of the caches the (row-gathered) input holds.
+of the caches the (row-gathered) input holds; `cache_view` / `write_kv` split such a step
+into a read-only attention and a cache write (moejax.layers.attention).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BTD: Array, positions_BT: Array, tokens_BT: Array, loop: int = 0,
                token_mask_BT: Array | None = None, shared_kv: tuple | None = None,
-               rows_N: Array | None = None):
+               rows_N: Array | None = None, cache_view: tuple | None = None,
+               write_kv: tuple | None = None):
     c = self.cfg
     cdt, pdt = dtype(c.compute_dtype), dtype(c.param_dtype)
     rc = c.recursion if self.shared else None
@@ -44,12 +46,16 @@ class Block(nn.Module):
     if rc and rc.kv_cache_fractions:
       cache_lens = tuple(max(1, math.ceil(f * c.max_seq_len)) for f in rc.kv_cache_fractions)
 
-    h = RMSNorm(c.norm_eps, cdt, pdt, copies, name="attn_norm")(x_BTD, loop)
     attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, c.init_std,
                      c.out_std, c.max_seq_len, self.decode, cdt, pdt, loops, lora_rank,
                      lora_scale, cache_lens, name="attn")
+    if write_kv is not None:  # the cache write of a row-gathered decoding step only
+      attn(x_BTD, positions_BT, slot=loop, token_mask_BT=token_mask_BT, write_kv=write_kv)
+      return x_BTD, None
+    h = RMSNorm(c.norm_eps, cdt, pdt, copies, name="attn_norm")(x_BTD, loop)
     out = attn(h, positions_BT, loop=loop, slot=loop, token_mask_BT=token_mask_BT,
-               shared_kv=shared_kv, return_kv=self.shared, rows_N=rows_N)
+               shared_kv=shared_kv, return_kv=self.shared, rows_N=rows_N,
+               cache_view=cache_view)
     out, kv = out if self.shared else (out, None)
     x_BTD = x_BTD + out
     h = RMSNorm(c.norm_eps, cdt, pdt, copies, name="ffn_norm")(x_BTD, loop)

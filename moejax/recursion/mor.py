@@ -193,16 +193,34 @@ class RecursiveStack(nn.Module):
     return keep_BT
 
   def _run_core(self, blocks, r: int, x_BTD, positions_BT, tokens_BT, mask_BT, shared,
-                rows_N=None):
+                rows_N=None, views=None):
+    """The core's blocks at step r. With `views` (decoding: each block's read-only cache
+    for this step) it returns (h, {u: the new token's (k, v)}) and writes nothing."""
     h = x_BTD
+    new_kv = {}
     for u, blk in enumerate(blocks):
       kv_in = shared.get(u) if self.cfg.recursion.kv_sharing and r > 0 else None
       if kv_in is not None and rows_N is not None:
         kv_in = tuple(a[rows_N] for a in kv_in)
-      h, kv = blk(h, positions_BT, tokens_BT, r, mask_BT, kv_in, rows_N)
-      if r == 0:
+      view = views.get(u) if views is not None else None
+      h, kv = blk(h, positions_BT, tokens_BT, r, mask_BT, kv_in, rows_N, cache_view=view)
+      if view is not None:
+        new_kv[u] = kv
+      if r == 0 and views is None:
         shared[u] = kv
-    return h
+    return (h, new_kv) if views is not None else h
+
+  def _cache_views(self, r: int) -> dict:
+    """{u: (k, v, pos, count)} of step r's compact cache in each core block (read here,
+    outside the row-buffer switch); {} where the step attends to shared K/V."""
+    if self.cfg.recursion.kv_sharing and r > 0:
+      return {}
+    sfx = f"_{r}" if r else ""
+    views = {}
+    for u, name in enumerate(self._core_names()):
+      cache = getattr(self, name).variables["cache"]["attn"]
+      views[u] = tuple(cache[n + sfx] for n in ("k", "v", "pos", "index"))
+    return views
 
   def _decode_rows(self, r: int, x_BTD, positions_BT, tokens_BT, sel_BT, gate_BT, shared):
     """One decoding step (T = 1) of loop r on only the rows whose token is still active.
@@ -222,37 +240,57 @@ class RecursiveStack(nn.Module):
     def blocks(mdl):
       return [getattr(mdl, n) for n in mdl._core_names()]
 
-    def gathered(n, mdl, x_BTD, sel_BT, gate_BT, kv):
+    def zeros_kv(views):
+      return {u: tuple(jnp.zeros((b, 1) + a.shape[2:], a.dtype) for a in v[:2])
+              for u, v in views.items()}
+
+    def gathered(n, mdl, x_BTD, sel_BT, gate_BT, kv, views):
       rows_1N, valid_1N = first_positions(sel_BT[:, 0][None], n)
       rows_N, valid_N = rows_1N[0], valid_1N[0]
       xg = x_BTD[rows_N]
-      h = mdl._run_core(blocks(mdl), r, xg, positions_BT[rows_N], tokens_BT[rows_N],
-                        valid_N[:, None], dict(kv), rows_N)
+      h, new = mdl._run_core(blocks(mdl), r, xg, positions_BT[rows_N], tokens_BT[rows_N],
+                             valid_N[:, None], dict(kv), rows_N, views)
       delta = h - xg
       if gate_BT is not None:
         delta = delta * gate_BT[rows_N][..., None].astype(delta.dtype)
       delta = jnp.where(valid_N[:, None, None], delta, 0)
-      return x_BTD.at[rows_N].add(delta.astype(x_BTD.dtype))
+      dest_N = jnp.where(valid_N, rows_N, b)  # padding rows scatter nowhere
+      full_kv = {u: tuple(z.at[dest_N].set(a.astype(z.dtype), mode="drop")
+                          for z, a in zip(zkv, new[u]))
+                 for u, zkv in zeros_kv(views).items()}
+      return x_BTD.at[rows_N].add(delta.astype(x_BTD.dtype)), full_kv
 
-    def full(mdl, x_BTD, sel_BT, gate_BT, kv):
-      h = mdl._run_core(blocks(mdl), r, x_BTD, positions_BT, tokens_BT, sel_BT, dict(kv))
+    def full(mdl, x_BTD, sel_BT, gate_BT, kv, views):
+      h, new = mdl._run_core(blocks(mdl), r, x_BTD, positions_BT, tokens_BT, sel_BT,
+                             dict(kv), None, views)
+      delta = h - x_BTD
+      if gate_BT is not None:
+        delta = delta * gate_BT[..., None].astype(delta.dtype)
+      return x_BTD + jnp.where(sel_BT[..., None], delta, 0).astype(x_BTD.dtype), new
+
+    def skip(mdl, x_BTD, sel_BT, gate_BT, kv, views):  # no active row: the loop is not run
+      return x_BTD, zeros_kv(views)
+
+    sizes = decode_buckets(b)
+    kv = {u: v for u, v in shared.items()} if c.recursion.kv_sharing else {}
+    if self.is_initializing():  # creates the caches the normal way
+      h = self._run_core(blocks(self), r, x_BTD, positions_BT, tokens_BT, sel_BT, dict(kv))
       delta = h - x_BTD
       if gate_BT is not None:
         delta = delta * gate_BT[..., None].astype(delta.dtype)
       return x_BTD + jnp.where(sel_BT[..., None], delta, 0).astype(x_BTD.dtype)
 
-    sizes = decode_buckets(b)
-    kv = {u: v for u, v in shared.items()} if c.recursion.kv_sharing else {}
-    if self.is_initializing():
-      return full(self, x_BTD, sel_BT, gate_BT, kv)
-
-    def skip(mdl, x_BTD, sel_BT, gate_BT, kv):  # no active row: the loop is not run
-      return x_BTD
-
+    views = self._cache_views(r)
     n_active = jnp.sum(sel_BT[:, 0].astype(jnp.int32))
     index = jnp.searchsorted(jnp.asarray([0] + sizes[:-1], jnp.int32), n_active)
     branches = [skip] + [functools.partial(gathered, n) for n in sizes[:-1]] + [full]
-    return nn.switch(index, branches, self, x_BTD, sel_BT, gate_BT, kv)
+    # the caches stay out of the switch: XLA would copy them through its branches
+    x_BTD, new_kv = nn.switch(index, branches, self, x_BTD, sel_BT, gate_BT, kv, views,
+                              variables=nn.DenyList("cache"))
+    for u, blk in enumerate(blocks(self)):
+      if u in new_kv:  # each row's new K/V into its compact cache: the masked path's write
+        blk(x_BTD, positions_BT, tokens_BT, r, sel_BT, write_kv=new_kv[u])
+    return x_BTD
 
   def _core_names(self) -> list[str]:
     return [f"shared_{u}" for u in range(self.cfg.recursion.num_core)]
