@@ -216,7 +216,9 @@ def test_mor_at_full_capacity_equals_plain_recursion():
                                atol=2e-5)
 
 
-GATHER_SLOW = ("expert_bce", "token_bias_kvshare")  # covered by the other three + decoding
+# covered by the other two (expert choice, token choice) + tests/test_mor_inference.py,
+# which checks expert_causal's gathered path against the mask in eval and decoding
+GATHER_SLOW = ("expert_bce", "expert_causal", "token_bias_kvshare")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in GATHER_SLOW
