@@ -108,7 +108,7 @@ class Attention(nn.Module):
             cache_view, k_BTKD, v_BTKD, positions_BT, token_mask_BT, rows_N)
       elif self.decode and token_mask_BT is not None:
         k_all, v_all, kpos_BS, kvalid_BS = self._update_compact_cache(
-            k_BTKD, v_BTKD, positions_BT, token_mask_BT, slot, rows_N)
+            k_BTKD, v_BTKD, positions_BT, token_mask_BT, slot)
       elif self.decode:
         k_all, v_all, kpos_BS = self._update_cache(k_BTKD, v_BTKD, slot)
         kvalid_BS = None
@@ -127,59 +127,52 @@ class Attention(nn.Module):
     return out_BTD
 
   @staticmethod
-  def _view_compact_cache(view, k_BTKD, v_BTKD, positions_BT, mask_BT, rows_N):
-    """The rows_N rows of a compact cache as `_update_compact_cache` would leave them
-    (same slots, same values), without writing it."""
-    ck, cv, cpos, count = view
+  def _place_compact(ck, cv, cpos, count_N, k_BTKD, v_BTKD, positions_BT, mask_BT):
+    """N rows of a compact cache with the masked tokens' K/V packed in after each row's
+    count_N filled slots (inactive tokens and overflow are dropped): (k, v, pos, new
+    counts, written-slot mask)."""
     s = ck.shape[1]
-    rows = jnp.arange(ck.shape[0]) if rows_N is None else rows_N
-    cnt_N = count[rows]
     m = mask_BT.astype(jnp.int32)
-    dest_BT = jnp.where(mask_BT, cnt_N[:, None] + jnp.cumsum(m, axis=1) - 1, s)
-    r_N1 = jnp.arange(rows.shape[0])[:, None]
-    k_all = ck[rows].at[r_N1, dest_BT].set(k_BTKD.astype(ck.dtype), mode="drop")
-    v_all = cv[rows].at[r_N1, dest_BT].set(v_BTKD.astype(cv.dtype), mode="drop")
-    kpos = cpos[rows].at[r_N1, dest_BT].set(positions_BT.astype(jnp.int32), mode="drop")
-    written_BS = jnp.arange(s)[None, :] < (cnt_N + m.sum(axis=1))[:, None]
-    return k_all, v_all, kpos, written_BS
+    dest_BT = jnp.where(mask_BT, count_N[:, None] + jnp.cumsum(m, axis=1) - 1, s)
+    r_N1 = jnp.arange(ck.shape[0])[:, None]
+    ck = ck.at[r_N1, dest_BT].set(k_BTKD.astype(ck.dtype), mode="drop")
+    cv = cv.at[r_N1, dest_BT].set(v_BTKD.astype(cv.dtype), mode="drop")
+    cpos = cpos.at[r_N1, dest_BT].set(positions_BT.astype(jnp.int32), mode="drop")
+    count_N = count_N + m.sum(axis=1)
+    return ck, cv, cpos, count_N, jnp.arange(s)[None, :] < count_N[:, None]
+
+  @classmethod
+  def _view_compact_cache(cls, view, k_BTKD, v_BTKD, positions_BT, mask_BT, rows_N):
+    """The rows_N rows of a compact cache view (k, v, pos, count) as
+    `_update_compact_cache` would leave them, without writing it."""
+    rows = jnp.arange(view[0].shape[0]) if rows_N is None else rows_N
+    ck, cv, cpos, _, written_BS = cls._place_compact(
+        *(a[rows] for a in view), k_BTKD, v_BTKD, positions_BT, mask_BT)
+    return ck, cv, cpos, written_BS
 
   @staticmethod
-  def _names(slot: int) -> tuple[str, ...]:
+  def cache_names(slot: int) -> tuple[str, ...]:
+    """The cache variables of one slot: (k, v, index / count, pos)."""
     sfx = f"_{slot}" if slot else ""
     return tuple(n + sfx for n in ("k", "v", "index", "pos"))
 
-  def _update_compact_cache(self, k_BTKD, v_BTKD, positions_BT, mask_BT, slot: int,
-                            rows_N: Array | None = None):
-    """Write only the active tokens' K/V, packed, with their positions (MoR caching).
-
-    rows_N: the cache rows the input's B rows are (decoding a row-gathered batch: only
-    those rows are read and written); None = all rows in order.
-    """
+  def _update_compact_cache(self, k_BTKD, v_BTKD, positions_BT, mask_BT, slot: int):
+    """Write only the active tokens' K/V, packed, with their positions (MoR caching)."""
     b, t, k, dh = k_BTKD.shape
     s = self.cache_lens[slot] if self.cache_lens else self.max_seq_len
-    nk, nv, nidx, npos = self._names(slot)
+    nk, nv, nidx, npos = self.cache_names(slot)
     ck = self.variable("cache", nk, jnp.zeros, (b, s, k, dh), k_BTKD.dtype)
     cv = self.variable("cache", nv, jnp.zeros, (b, s, k, dh), v_BTKD.dtype)
     cpos = self.variable("cache", npos, jnp.zeros, (b, s), jnp.int32)
     count = self.variable("cache", nidx, lambda: jnp.zeros((b,), jnp.int32))
-    rows = jnp.arange(b) if rows_N is None else rows_N
-    m = mask_BT.astype(jnp.int32)
-    dest_BT = count.value[rows][:, None] + jnp.cumsum(m, axis=1) - 1
-    dest_BT = jnp.where(mask_BT, dest_BT, s)  # inactive tokens (and overflow) are dropped
-    r_B1 = rows[:, None]
-    ck.value = ck.value.at[r_B1, dest_BT].set(k_BTKD.astype(ck.value.dtype), mode="drop")
-    cv.value = cv.value.at[r_B1, dest_BT].set(v_BTKD.astype(cv.value.dtype), mode="drop")
-    cpos.value = cpos.value.at[r_B1, dest_BT].set(positions_BT.astype(jnp.int32), mode="drop")
-    count.value = count.value.at[rows].add(m.sum(axis=1))
-    written_BS = jnp.arange(s)[None, :] < count.value[rows][:, None]
-    if rows_N is None:
-      return ck.value, cv.value, cpos.value, written_BS
-    return ck.value[rows], cv.value[rows], cpos.value[rows], written_BS
+    ck.value, cv.value, cpos.value, count.value, written_BS = self._place_compact(
+        ck.value, cv.value, cpos.value, count.value, k_BTKD, v_BTKD, positions_BT, mask_BT)
+    return ck.value, cv.value, cpos.value, written_BS
 
   def _update_cache(self, k_BTKD: Array, v_BTKD: Array, slot: int = 0):
     b, t, k, dh = k_BTKD.shape
     s = self.max_seq_len
-    nk, nv, nidx, _ = self._names(slot)
+    nk, nv, nidx, _ = self.cache_names(slot)
     ck = self.variable("cache", nk, jnp.zeros, (b, s, k, dh), k_BTKD.dtype)
     cv = self.variable("cache", nv, jnp.zeros, (b, s, k, dh), v_BTKD.dtype)
     idx = self.variable("cache", nidx, lambda: jnp.zeros((), jnp.int32))

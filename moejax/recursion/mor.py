@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moejax.layers.attention import Attention
 from moejax.layers.common import Array, param_init
 from moejax.models.block import REMAT_POLICIES, Block
 
@@ -62,6 +63,14 @@ def gate_fn(kind: str, score: Array, alpha: float) -> Array | None:
   if kind == "tanh":
     return alpha * jnp.tanh(score)
   return None
+
+
+def gated_update(x_BTD: Array, h_BTD: Array, gate_BT: Array | None, keep_BT: Array) -> Array:
+  """A MoR step's update over the whole batch: x + gate * (h - x) where kept, x elsewhere."""
+  delta = h_BTD - x_BTD
+  if gate_BT is not None:
+    delta = delta * gate_BT[..., None].astype(delta.dtype)
+  return x_BTD + jnp.where(keep_BT[..., None], delta, 0).astype(x_BTD.dtype)
 
 
 def topk_positions(score_BT: Array, candidates_BT: Array, k: int) -> Array:
@@ -215,11 +224,11 @@ class RecursiveStack(nn.Module):
     outside the row-buffer switch); {} where the step attends to shared K/V."""
     if self.cfg.recursion.kv_sharing and r > 0:
       return {}
-    sfx = f"_{r}" if r else ""
+    nk, nv, nidx, npos = Attention.cache_names(r)
     views = {}
     for u, name in enumerate(self._core_names()):
       cache = getattr(self, name).variables["cache"]["attn"]
-      views[u] = tuple(cache[n + sfx] for n in ("k", "v", "pos", "index"))
+      views[u] = (cache[nk], cache[nv], cache[npos], cache[nidx])
     return views
 
   def _decode_rows(self, r: int, x_BTD, positions_BT, tokens_BT, sel_BT, gate_BT, shared):
@@ -236,8 +245,8 @@ class RecursiveStack(nn.Module):
     The KV caches stay out of the switch (XLA copies whole buffers through a
     conditional's branches): each branch attends over a read-only view of the rows it
     holds and returns their new K/V, which are written after it, by the masked path's
-    write. Measured (benchmarks/recursion.py, depth ~0.65): 1.00-1.15x the recursive
-    model's tokens/s; the copy of the gathered rows' caches and the per-step weight reads
+    write. Measured (benchmarks/recursion.py, depth ~0.65, three runs): 1.00-1.21x the
+    recursive model's tokens/s; the copy of the gathered rows' caches and the per-step weight reads
     are what is left.
     """
     c = self.cfg
@@ -269,10 +278,7 @@ class RecursiveStack(nn.Module):
     def full(mdl, x_BTD, sel_BT, gate_BT, kv, views):
       h, new = mdl._run_core(blocks(mdl), r, x_BTD, positions_BT, tokens_BT, sel_BT,
                              dict(kv), None, views)
-      delta = h - x_BTD
-      if gate_BT is not None:
-        delta = delta * gate_BT[..., None].astype(delta.dtype)
-      return x_BTD + jnp.where(sel_BT[..., None], delta, 0).astype(x_BTD.dtype), new
+      return gated_update(x_BTD, h, gate_BT, sel_BT), new
 
     def skip(mdl, x_BTD, sel_BT, gate_BT, kv, views):  # no active row: the loop is not run
       return x_BTD, zeros_kv(views)
@@ -281,10 +287,7 @@ class RecursiveStack(nn.Module):
     kv = {u: v for u, v in shared.items()} if c.recursion.kv_sharing else {}
     if self.is_initializing():  # creates the caches the normal way
       h = self._run_core(blocks(self), r, x_BTD, positions_BT, tokens_BT, sel_BT, dict(kv))
-      delta = h - x_BTD
-      if gate_BT is not None:
-        delta = delta * gate_BT[..., None].astype(delta.dtype)
-      return x_BTD + jnp.where(sel_BT[..., None], delta, 0).astype(x_BTD.dtype)
+      return gated_update(x_BTD, h, gate_BT, sel_BT)
 
     views = self._cache_views(r)
     n_active = jnp.sum(sel_BT[:, 0].astype(jnp.int32))
@@ -391,10 +394,7 @@ class RecursiveStack(nn.Module):
         if rc.router == "none":
           x_BTD = h
         else:
-          delta = h - x_BTD
-          if gate_BT is not None:
-            delta = delta * gate_BT[..., None].astype(delta.dtype)
-          x_BTD = x_BTD + jnp.where(sel_BT[..., None], delta, 0).astype(x_BTD.dtype)
+          x_BTD = gated_update(x_BTD, h, gate_BT, sel_BT)
       active_BT = sel_BT
       steps_BT = steps_BT + sel_BT.astype(jnp.int32)
       active_frac.append(jnp.mean(sel_BT.astype(f32)))
