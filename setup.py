@@ -24,6 +24,8 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "sentencepiece>=0.2.0",
+        "tokenizers>=0.20",  # Hugging Face tokenizer.json files
+        "pyarrow>=15.0",  # Parquet sources and Hugging Face datasets saved to disk
         "matplotlib>=3.8",  # experiment and scaling plots
     ],
     extras_require={

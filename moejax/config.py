@@ -21,6 +21,7 @@ from moejax.configlib import fail as _fail
 from moejax.configlib import float_range as _float_range
 from moejax.configlib import nonneg_int as _nonneg_int
 from moejax.configlib import pos_int as _pos_int
+from moejax.data import config as data_config
 from moejax.moe import config as moe_config
 from moejax.recursion import config as recursion_config
 
@@ -73,23 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   di.initialization_timeout_s = 300
   di.heartbeat_timeout_s = 100  # a process silent this long is declared dead
 
-  d = c.data = ml_collections.ConfigDict()
-  d.source = "embedded"  # embedded | tfds
-  d.paths = ()  # embedded: files/folders; empty -> standard library of this Python
-  d.extensions = (".py",)  # embedded: file suffixes to read from folders; () = all
-  d.val_fraction = 0.05  # embedded: fraction of files held out (hash of path)
-  d.tfds_name = ""  # tfds: e.g. "tiny_shakespeare", "lm1b"
-  d.tfds_data_dir = ""  # tfds: where the prepared dataset lives
-  d.text_key = "text"
-  d.train_split = "train"
-  d.val_split = "validation"
-  d.tokenizer = "byte"  # byte | sentencepiece
-  d.spm_model = ""
-  d.seq_len = 256
-  d.batch_size = 16
-  d.shuffle_seed = 0
-  d.cache_dir = ""  # prepared embedded dataset; "" -> ~/.cache/moejax
-  d.max_documents = 0  # 0: all
+  c.data = data_config.defaults()
 
   o = c.optim = ml_collections.ConfigDict()
   o.lr = 3e-3
@@ -208,7 +193,7 @@ REMAT = ("none", "full", "dots", "dots_no_batch")
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Check every field before anything is built. Raises ConfigError."""
-  m, d, o, t = config.model, config.data, config.optim, config.train
+  m, o, t = config.model, config.optim, config.train
   _nonneg_int(config, "seed")
 
   # model
@@ -238,35 +223,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_mesh(config)
   _validate_dist(config)
 
-  # data
-  _choice(config, "data.source", ("embedded", "tfds"))
-  for f in ("paths", "extensions"):
-    if isinstance(d[f], str) or not all(isinstance(x, str) for x in d[f]):
-      _fail(f"data.{f}", d[f], "must be a tuple of strings")
-  for f in ("spm_model", "tfds_name", "tfds_data_dir", "cache_dir", "text_key"):
-    if not isinstance(d[f], str):
-      _fail(f"data.{f}", d[f], "must be a string")
-  _choice(config, "data.tokenizer", ("byte", "sentencepiece"))
-  if d.tokenizer == "sentencepiece" and not d.spm_model:
-    _fail("data.spm_model", d.spm_model, "a path to a sentencepiece .model file is required "
-          "when data.tokenizer='sentencepiece'")
-  if d.tokenizer == "sentencepiece" and not os.path.exists(d.spm_model):
-    _fail("data.spm_model", d.spm_model, "file does not exist")
-  if d.source == "tfds" and not d.tfds_name:
-    _fail("data.tfds_name", d.tfds_name, "a TFDS dataset name is required when data.source='tfds'")
-  if d.source == "embedded":
-    for p in d.paths:
-      if not os.path.exists(p):
-        _fail("data.paths", p, "every path must be an existing file or folder")
-  _float_range(config, "data.val_fraction", 0, 1, lo_open=True, hi_open=True)
-  _pos_int(config, "data.seq_len")
-  if m.max_seq_len and m.max_seq_len < d.seq_len:
-    _fail("model.max_seq_len", m.max_seq_len, f"must be 0 or >= data.seq_len={d.seq_len}")
-  _pos_int(config, "data.batch_size")
-  _nonneg_int(config, "data.shuffle_seed")
-  _nonneg_int(config, "data.max_documents")
-  if m.vocab_size and d.tokenizer == "byte" and m.vocab_size < 257:
-    _fail("model.vocab_size", m.vocab_size, "must be 0 or >= 257 for the byte tokenizer")
+  data_config.validate(config)
 
   # optim
   _float_range(config, "optim.lr", 0, 10, lo_open=True)

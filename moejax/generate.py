@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from moejax import parallel
+from moejax.data.tokenizers import make_tokenizer
 from moejax.models.lm import LM, LMConfig
 
 
@@ -95,7 +96,6 @@ def load_run(workdir: str):
   """(config, tokenizer, LMConfig, params, step, model_state) of the newest good
   checkpoint in workdir."""
   # lazy: generate() itself needs neither tensorflow_datasets nor orbax
-  from moejax.data import make_tokenizer  # pylint: disable=g-import-not-at-top
   from moejax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from moejax.train.loop import abstract_train_state, build_model  # pylint: disable=g-import-not-at-top
 

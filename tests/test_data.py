@@ -1,4 +1,8 @@
-"""Tests of moejax.data: tokenizers, the embedded TFDS corpus, tfds sources, the grain pipeline."""
+"""moejax.data: tokenizers, sources, preparation into shards, streaming windows, mixtures.
+
+Every corpus here is written by the test itself (small random text files, JSONL, Parquet,
+an arrow folder laid out as `datasets.save_to_disk` writes it, a TFDS builder).
+"""
 
 from __future__ import annotations
 
@@ -11,24 +15,29 @@ import numpy as np
 import pytest
 
 from moejax import config as config_lib
-from moejax import data
-from moejax.data import corpus as corpus_lib
+from moejax.data import corpus
 from moejax.data import pipeline
+from moejax.data import prepare as prepare_lib
+from moejax.data import shards
+from moejax.data import tokenizers
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron "
          "pi rho sigma tau upsilon phi chi psi omega é ü ∑ 🙂").split()
 
 
-def make_corpus(root, num_files: int = 24, seed: int = 0) -> list[str]:
-  """Writes `num_files` text files (.py) of 300-900 bytes under root/corp; returns paths."""
+def make_texts(n: int, seed: int = 0, lo: int = 60, hi: int = 180) -> list[str]:
   rng = np.random.default_rng(seed)
+  return [f"# doc {i}\n" + " ".join(rng.choice(WORDS, int(rng.integers(lo, hi)))) + "\n"
+          for i in range(n)]
+
+
+def make_corpus(root, num_files: int = 24, seed: int = 0) -> list[str]:
+  """Writes `num_files` .py files of 300-900 bytes under root/corp; returns their paths."""
   folder = root / "corp"
   paths = []
-  for i in range(num_files):
+  for i, text in enumerate(make_texts(num_files, seed)):
     sub = folder / (f"pkg{i % 3}" if i % 2 else "")
     sub.mkdir(parents=True, exist_ok=True)
-    n = int(rng.integers(60, 180))
-    text = f"# file {i}\n" + " ".join(rng.choice(WORDS, n)) + "\n"
     p = sub / f"mod{i:02d}.py"
     p.write_text(text, encoding="utf-8")
     paths.append(str(p))
@@ -40,9 +49,29 @@ def data_cfg(tmp_path, **overrides) -> ml_collections.ConfigDict:
   d.cache_dir = str(tmp_path / "cache")
   d.seq_len, d.batch_size = 16, 4
   d.val_fraction = 0.25
+  d.prepare_workers = 1
   for k, v in overrides.items():
     d[k] = v
   return d
+
+
+def byte_stream(texts) -> np.ndarray:
+  """[BOS] doc [BOS] doc ... with the byte tokenizer: the reference for prepared splits."""
+  out = []
+  for t in texts:
+    out += [256] + list(t.encode("utf-8"))
+  return np.asarray(out, np.int64)
+
+
+def split_texts(texts, keys, frac):
+  val = [t for t, k in zip(texts, keys) if corpus.path_hash_fraction(k) < frac]
+  train = [t for t, k in zip(texts, keys) if corpus.path_hash_fraction(k) >= frac]
+  return train, val
+
+
+def whole_split(folder, split, tok=None) -> np.ndarray:
+  sp = shards.open_prepared(folder, tok or tokenizers.ByteTokenizer()).splits[split]
+  return sp.read(0, sp.num_tokens).astype(np.int64)
 
 
 @pytest.fixture(scope="module")
@@ -61,320 +90,437 @@ def spm_model(tmp_path_factory) -> str:
   return str(tmp / "m.model")
 
 
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory) -> str:
+  """A byte-level BPE tokenizer.json (GPT-2 style) with a tokenizer_config.json beside it."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tmp = tmp_path_factory.mktemp("hf")
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(make_texts(200, seed=5), trainer)
+  tok.save(str(tmp / "tokenizer.json"))
+  (tmp / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+  return str(tmp)
+
+
 # ------------------------------------------------------------------ tokenizers
 
 def test_byte_tokenizer_round_trip():
-  tok = data.ByteTokenizer()
-  assert (tok.vocab_size, tok.bos_id) == (257, 256)
+  tok = tokenizers.ByteTokenizer()
+  assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (257, 256, -1)
   text = "héllo wörld ∑ 🙂\n"
   ids = tok.encode(text)
-  assert ids.dtype == np.int32
-  assert ids.tolist() == list(text.encode("utf-8"))
-  assert len(ids) == len(text) + 1 + 1 + 2 + 3 == 23  # é,ö: 2 bytes; ∑: 3; 🙂: 4
-  assert ids[1:3].tolist() == [0xC3, 0xA9]  # é
-  assert tok.decode(ids) == text
-  # BOS is skipped; broken UTF-8 is replaced, not raised.
+  assert ids.dtype == np.int32 and ids.tolist() == list(text.encode("utf-8"))
   assert tok.decode(np.concatenate([[256], ids[:3], [256], ids[3:]])) == text
   assert tok.decode([104, 0xC3, 105]) == "h\ufffdi"
-  assert tok.decode(iter(ids.tolist())) == tok.decode(ids[None, :]) == text
-  assert tok.encode("").shape == (0,)
+  assert tok.token_bytes()[ids].sum() == len(text.encode()) and tok.token_bytes()[256] == 0
 
 
 def test_sentencepiece_round_trip(spm_model):
-  tok = data.SentencePieceTokenizer(spm_model)
-  assert tok.vocab_size == 100
-  assert tok.bos_id == 1  # the trainer's default bos id
+  tok = tokenizers.SentencePieceTokenizer(spm_model)
+  assert tok.vocab_size == 100 and tok.bos_id == 1
   text = "the quick brown fox jumps over the lazy dog near über café 12."
   ids = tok.encode(text)
-  assert ids.dtype == np.int32 and ids.max() < 100 and len(ids) < 0.7 * len(text)
-  assert tok.decode(ids) == text
-  assert tok.decode(np.concatenate([[tok.bos_id], ids])) == text
-  assert [x.tolist() for x in tok.encode_batch([text, "dog"])] == [
-      ids.tolist(), tok.encode("dog").tolist()]
-  assert tok.identity.startswith("spm-") and len(tok.identity) == 16
+  assert ids.max() < 100 and len(ids) < 0.7 * len(text) and tok.decode(ids) == text
+  assert tok.identity.startswith("spm-") and not tok.bytes_exact
+  # Pieces count their decoded bytes; the dummy-prefix space of the first piece is extra.
+  assert tok.token_bytes()[ids].sum() == len(text.encode()) + 1
 
 
-def test_make_tokenizer_selection(tmp_path, spm_model):
+def test_hf_tokenizer_round_trip_and_exact_bytes(hf_tokenizer):
+  tok = tokenizers.HFTokenizer(hf_tokenizer)
+  eot = tok._tok.token_to_id("<|endoftext|>")
+  assert tok.bos_id == eot and tok.eos_id == -1  # no BOS: EOS separates documents
+  text = "alpha beta é ü ∑ 🙂 zeta\n"
+  ids = tok.encode(text)
+  assert tok.decode(ids) == text and tok.bytes_exact
+  assert tok.token_bytes()[ids].sum() == len(text.encode("utf-8"))  # byte-level: exact
+  assert tok.token_bytes()[eot] == 0
+  assert [x.tolist() for x in tok.encode_batch([text, "mu"])] == [ids.tolist(),
+                                                                  tok.encode("mu").tolist()]
+  with pytest.raises(ValueError, match="bos_token = '<nope>' is not a token"):
+    tokenizers.HFTokenizer(hf_tokenizer, bos_token="<nope>")
+
+
+def test_make_tokenizer_selection(tmp_path, spm_model, hf_tokenizer):
   d = data_cfg(tmp_path)
-  assert isinstance(data.make_tokenizer(d), data.ByteTokenizer)
+  assert isinstance(tokenizers.make_tokenizer(d), tokenizers.ByteTokenizer)
   d.tokenizer, d.spm_model = "sentencepiece", spm_model
-  tok = data.make_tokenizer(d)
-  assert isinstance(tok, data.SentencePieceTokenizer) and tok.vocab_size == 100
-  d.spm_model = ""
-  with pytest.raises(ValueError, match="spm_model"):
-    data.make_tokenizer(d)
+  assert tokenizers.make_tokenizer(d).vocab_size == 100
+  d.tokenizer, d.hf_tokenizer = "hf", hf_tokenizer
+  assert isinstance(tokenizers.make_tokenizer(d), tokenizers.HFTokenizer)
   d.tokenizer = "wordpiece"
   with pytest.raises(ValueError, match="data.tokenizer.*wordpiece"):
-    data.make_tokenizer(d)
+    tokenizers.make_tokenizer(d)
 
 
-# ------------------------------------------------------------------ the embedded corpus
+# ------------------------------------------------------------------ sources and splits
 
 def test_split_deterministic_and_disjoint():
   rel = [f"pkg{i % 7}/mod{i}.py" for i in range(400)]
-  train, val = data.split_files(rel, 0.2)
-  assert (train, val) == data.split_files(list(rel), 0.2)
+  train, val = corpus.split_files(rel, 0.2)
   assert set(train).isdisjoint(val) and sorted(train + val) == list(range(400))
-  expect = [i for i, r in enumerate(rel)
-            if int(hashlib.sha256(r.encode()).hexdigest()[:8], 16) / 2**32 < 0.2]
-  assert val == expect
-  assert 40 < len(val) < 120
-  # A file's split depends on its own path only, not on the other files.
-  train2, val2 = data.split_files(rel[:100], 0.2)
-  assert val2 == [i for i in val if i < 100]
-  # Validation is never empty: the smallest hash is taken.
-  _, val3 = data.split_files(rel, 1e-12)
-  fr = [corpus_lib.path_hash_fraction(r) for r in rel]
-  assert val3 == [int(np.argmin(fr))]
+  assert val == [i for i, r in enumerate(rel)
+                 if int(hashlib.sha256(r.encode()).hexdigest()[:8], 16) / 2**32 < 0.2]
+  _, val2 = corpus.split_files(rel[:100], 0.2)
+  assert val2 == [i for i in val if i < 100]  # a file's split depends on its path only
+  _, val3 = corpus.split_files(rel, 1e-12)  # never empty: the smallest hash
+  assert val3 == [int(np.argmin([corpus.path_hash_fraction(r) for r in rel]))]
 
 
-def test_user_folder_extension_filter(tmp_path):
+def test_embedded_prepare_equals_reference_stream(tmp_path, capsys):
   root = tmp_path / "corp"
   (root / "sub").mkdir(parents=True)
   (root / "__pycache__").mkdir()
-  (root / "a.py").write_text("print('a')\n")
-  (root / "b.txt").write_text("bee\n")
-  (root / "sub" / "c.py").write_text("x = 'ç'\n")
+  texts = make_texts(12, seed=1)
+  for i, t in enumerate(texts):
+    (root / ("sub" if i % 2 else "") / f"m{i:02d}.py").write_text(t, encoding="utf-8")
+  (root / "b.txt").write_text("not a .py file\n")
   (root / "__pycache__" / "x.py").write_text("cached\n")
   (root / "latin1.py").write_bytes("é = 1\n".encode("latin-1"))
   (root / "empty.py").write_text("")
-  single = tmp_path / "notes.md"
-  single.write_text("# notes\n")
-  files = data.list_corpus_files([str(root)], (".py",))
-  assert [f.relpath for f in files] == ["corp/a.py", "corp/empty.py", "corp/latin1.py",
-                                       "corp/sub/c.py"]
-  c = data.read_corpus([str(root)], (".py",), 0.5)
-  assert c.relpaths == ["corp/a.py", "corp/sub/c.py"]
-  assert (c.skipped_not_utf8, c.skipped_empty) == (1, 1)
-  assert c.texts == ["print('a')\n", "x = 'ç'\n"]
-  all_files = data.list_corpus_files([str(root), str(single)], ())
-  assert [f.relpath for f in all_files] == [
-      "corp/a.py", "corp/b.txt", "corp/empty.py", "corp/latin1.py", "corp/sub/c.py",
-      "notes.md"]
+  d = data_cfg(tmp_path, paths=(str(root),), val_fraction=0.3)
+  b = pipeline.build_data(d)
+  out = capsys.readouterr()
+  assert "moejax.data.prepare: embedded" in out.out and "train / " in out.out
+  files = {f"corp/{'sub/' if i % 2 else ''}m{i:02d}.py": t for i, t in enumerate(texts)}
+  rels = sorted(files)
+  train, val = corpus.split_files(rels, 0.3)
+  folder = b.info["prepared"][0]
+  np.testing.assert_array_equal(whole_split(folder, "train"),
+                                byte_stream([files[rels[i]] for i in train]))
+  np.testing.assert_array_equal(whole_split(folder, "validation"),
+                                byte_stream([files[rels[i]] for i in val]))
+  m = prepare_lib.read_manifest(folder)
+  assert m["source"]["skipped_not_utf8"] == 1 and m["source"]["skipped_empty"] == 1
+  assert m["splits"]["validation"]["bytes"] == sum(len(files[rels[i]].encode()) for i in val)
+  # Reused: the second build prepares nothing.
+  pipeline.build_data(d)
+  assert "prepare:" not in capsys.readouterr().out
+  # A changed file is a new source: prepared afresh into another folder.
+  (root / "m00.py").write_text(texts[0] + "# changed\n", encoding="utf-8")
+  assert pipeline.build_data(d, verbose=False).info["prepared"][0] != folder
 
 
-def test_fingerprint_tracks_contents(tmp_path):
-  paths = make_corpus(tmp_path)
+def test_jsonl_parquet_and_hf_disk_sources(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  texts = make_texts(40, seed=2)
+  (tmp_path / "j").mkdir()
+  with open(tmp_path / "j" / "part.jsonl", "w") as f:
+    for t in texts:
+      f.write(json.dumps({"id": 1, "content": t}) + "\n")
+  pq.write_table(pa.table({"content": texts}), tmp_path / "part.parquet", row_group_size=7)
+  keys_j = [f"j/part.jsonl:{n + 1}" for n in range(40)]  # relpath:line (1-based)
+  keys_p = [f"part.parquet:{n}" for n in range(40)]  # relpath:row
+  for source, path, keys in (("jsonl", tmp_path / "j", keys_j),
+                             ("parquet", tmp_path / "part.parquet", keys_p)):
+    d = data_cfg(tmp_path, source=source, paths=(str(path),), text_key="content")
+    b = pipeline.build_data(d, verbose=False)
+    train, val = split_texts(texts, keys, 0.25)
+    np.testing.assert_array_equal(whole_split(b.info["prepared"][0], "train"),
+                                  byte_stream(train))
+    np.testing.assert_array_equal(whole_split(b.info["prepared"][0], "validation"),
+                                  byte_stream(val))
+    d.text_key = "body"
+    with pytest.raises(ValueError, match=f"{path.name if source == 'parquet' else 'part'}.*"
+                       "text_key = 'body'.*(fields|columns).*content"):
+      pipeline.build_data(d, verbose=False)
+  # A DatasetDict as datasets' save_to_disk writes it: a folder per split with state.json
+  # and arrow stream files.
+  hf = tmp_path / "hf"
+  for split, part in (("train", texts[:30]), ("validation", texts[30:])):
+    (hf / split).mkdir(parents=True)
+    table = pa.table({"text": part, "n": list(range(len(part)))})
+    with pa.OSFile(str(hf / split / "data-00000-of-00001.arrow"), "wb") as sink:
+      with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table, max_chunksize=8)
+    (hf / split / "state.json").write_text(json.dumps(
+        {"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+  (hf / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "validation"]}))
+  b = pipeline.build_data(data_cfg(tmp_path, source="hf_disk", paths=(str(hf),)),
+                          verbose=False)
+  np.testing.assert_array_equal(whole_split(b.info["prepared"][0], "train"),
+                                byte_stream(texts[:30]))
+  np.testing.assert_array_equal(whole_split(b.info["prepared"][0], "validation"),
+                                byte_stream(texts[30:]))
+  with pytest.raises(ValueError, match="splits \\['train', 'validation'\\], not 'test'"):
+    pipeline.build_data(data_cfg(tmp_path, source="hf_disk", paths=(str(hf),),
+                                 val_split="test"), verbose=False)
+
+
+def test_tfds_source(tmp_path):
+  import tensorflow_datasets as tfds
+
+  texts = make_texts(30, seed=3)
+
+  class TinyText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+      return None
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"text": tfds.features.Text()}), disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(texts[:24]),
+              "validation": self._generate_examples(texts[24:])}
+
+    def _generate_examples(self, part):
+      for i, t in enumerate(part):
+        yield i, {"text": t}
+
+  data_dir = str(tmp_path / "tfds")
+  TinyText(data_dir=data_dir, file_format="array_record").download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  d = data_cfg(tmp_path, source="tfds", tfds_name="tiny_text", tfds_data_dir=data_dir)
+  b = pipeline.build_data(d, verbose=False)
+  np.testing.assert_array_equal(whole_split(b.info["prepared"][0], "train"),
+                                byte_stream(texts[:24]))
+  np.testing.assert_array_equal(whole_split(b.info["prepared"][0], "validation"),
+                                byte_stream(texts[24:]))
+  d.text_key = "body"
+  with pytest.raises(ValueError, match="text_key = 'body'.*fields \\['text'\\]"):
+    pipeline.build_data(d, verbose=False)
+  d.tfds_name, d.tfds_data_dir = "tiny_shakespeare", str(tmp_path / "nowhere")
+  with pytest.raises(ValueError, match="(?s)'tiny_shakespeare' is not prepared.*tfds build "
+                     "tiny_shakespeare --data_dir .*nowhere --file_format array_record"):
+    pipeline.build_data(d, verbose=False)
+
+
+# ------------------------------------------------------------------ prepare: resume, workers
+
+def test_prepare_resumes_and_workers_agree(tmp_path):
+  make_corpus(tmp_path, num_files=30)
   d = data_cfg(tmp_path, paths=(str(tmp_path / "corp"),))
-  fp = data.read_corpus(d.paths, d.extensions, d.val_fraction).fingerprint
-  assert fp == data.read_corpus(d.paths, d.extensions, d.val_fraction).fingerprint
-  src1 = data.load_source(d, verbose=False)
-  assert src1.fingerprint == fp and src1.name == f"moejax_text/fp-{fp[:12]}"
-  original = open(paths[3], encoding="utf-8").read()
-  with open(paths[3], "a", encoding="utf-8") as f:
-    f.write("# changed\n")
-  fp2 = data.read_corpus(d.paths, d.extensions, d.val_fraction).fingerprint
-  assert fp2 != fp
-  src2 = data.load_source(d, verbose=False)
-  assert src2.cache_dir != src1.cache_dir and os.path.isdir(src1.cache_dir)
-  docs = list(src2.documents("train")) + list(src2.documents("validation"))
-  assert sum(doc.endswith("# changed\n") for doc in docs) == 1
-  with open(paths[3], "w", encoding="utf-8") as f:
-    f.write(original)
-  assert data.read_corpus(d.paths, d.extensions, d.val_fraction).fingerprint == fp
-  assert data.read_corpus(d.paths, d.extensions, 0.3).fingerprint != fp
+  out = str(tmp_path / "prep")
+  plan = corpus.plan_source(d)
+  # A unit per file (data.shard_mb groups small files; these are far below a megabyte).
+  items = [x for u in plan.units for x in u.items]
+  plan.units = [corpus.Unit(i, "embedded", [x], 1) for i, x in enumerate(items)]
+  m1 = prepare_lib.prepare(d, out, verbose=False, plan=plan)
+  assert len(m1["splits"]["train"]["shards"]) + len(m1["splits"]["validation"]["shards"]) == 30
+  ref = {s: whole_split(out, s) for s in ("train", "validation")}
+  # A crash after some units: the manifest and three units' files are gone.
+  os.remove(os.path.join(out, "manifest.json"))
+  kept = {f: os.path.getmtime(os.path.join(out, "units", f))
+          for f in sorted(os.listdir(os.path.join(out, "units")))}
+  for unit in (3, 11, 20):
+    os.remove(os.path.join(out, "units", f"{unit:05d}.json"))
+  m2 = prepare_lib.prepare(d, out, verbose=False, plan=plan)
+  redone = [f for f in os.listdir(os.path.join(out, "units"))
+            if os.path.getmtime(os.path.join(out, "units", f)) != kept.get(f)]
+  assert sorted(redone) == ["00003.json", "00011.json", "00020.json"]
+  assert m2["splits"] == m1["splits"]
+  for s in ref:
+    np.testing.assert_array_equal(whole_split(out, s), ref[s])
+  # Two worker processes write the same shards.
+  out2 = str(tmp_path / "prep2")
+  prepare_lib.prepare(d, out2, workers=2, verbose=False, plan=plan)
+  for s in ref:
+    np.testing.assert_array_equal(whole_split(out2, s), ref[s])
+  # Another tokenizer may not reuse the folder.
+  d2 = data_cfg(tmp_path, paths=d.paths, append_eos=True)
+  with pytest.raises(ValueError, match="append_eos"):
+    prepare_lib.prepare(d2, out, verbose=False, plan=plan)
 
 
-def test_prepare_once_and_documents_in_order(tmp_path, capsys):
+def test_prepare_cli(tmp_path):
+  make_corpus(tmp_path)
+  out = tmp_path / "cli"
+  rc = prepare_lib.main(["--config", "configs/quickstart.py", "--out", str(out),
+                         f"--config.data.paths=('{tmp_path / 'corp'}',)",
+                         "--config.data.prepare_workers=1"])
+  assert rc == 0 and (out / "manifest.json").exists()
+  m = json.loads((out / "manifest.json").read_text())
+  assert m["tokenizer"] == "byte" and m["splits"]["train"]["docs"] > 0
+  rc = prepare_lib.main(["--config", "configs/quickstart.py", "--out", str(out),
+                         "--config.data.paths=('/does/not/exist',)"])
+  assert rc == 2
+
+
+# ------------------------------------------------------------------ streaming
+
+def test_windows_iterator_state_and_epochs(tmp_path):
   make_corpus(tmp_path)
   d = data_cfg(tmp_path, paths=(str(tmp_path / "corp"),))
-  c = data.read_corpus(d.paths, d.extensions, d.val_fraction)
-  b1 = data.build_data(d)
-  out1 = capsys.readouterr().out
-  assert "preparing embedded corpus (24 files" in out1 and "tokenized" in out1
-  b2 = data.build_data(d)
-  assert capsys.readouterr().out == ""  # prepared dataset and token cache reused
-  assert b1.fingerprint == b2.fingerprint == c.fingerprint
-  src = data.load_source(d, verbose=False)
-  assert list(src.documents("train")) == [c.texts[i] for i in c.train]
-  assert list(src.documents("validation")) == [c.texts[i] for i in c.val]
-  assert [r["path"] for r in src.splits["validation"].__getitems__(range(len(c.val)))] == [
-      c.relpaths[i].encode() for i in c.val]
-  info = b1.info
-  assert (info["num_train_docs"], info["num_val_docs"]) == (len(c.train), len(c.val))
-  val_bytes = sum(len(c.texts[i].encode()) for i in c.val)
-  assert info["val_bytes"] == val_bytes
-  assert info["num_val_tokens"] == val_bytes + len(c.val)  # bytes + one BOS per document
-  assert info["val_bytes_per_token"] == pytest.approx(val_bytes / (val_bytes + len(c.val) - 1))
+  b = pipeline.build_data(d, seed=3, verbose=False)
+  stream = whole_split(b.info["prepared"][0], "train")
+  n = b.info["num_train_windows"]
+  assert n == (len(stream) - 1) // 16
+  windows = sorted(tuple(stream[i * 16:i * 16 + 17]) for i in range(n))
 
+  def rows(batch):
+    return [tuple(np.concatenate([i, t[-1:]])) for i, t in zip(batch["inputs"],
+                                                                batch["targets"])]
 
-# ------------------------------------------------------------------ packing and iteration
-
-def test_packing_windows():
-  tokens = np.arange(100, dtype=np.uint16)
-  assert pipeline.num_windows(100, 10) == 9
-  b = data.gather_windows(tokens, np.arange(9), 10)
-  assert b["inputs"].dtype == np.int32 and b["inputs"].shape == (9, 10)
-  np.testing.assert_array_equal(b["targets"][:, :-1], b["inputs"][:, 1:])
-  np.testing.assert_array_equal(b["inputs"].reshape(-1), np.arange(90))
-  np.testing.assert_array_equal(b["targets"].reshape(-1), np.arange(1, 91))
-  stream = data.tokenize_documents(data.ByteTokenizer(), ["ab", "", "çd"])
-  assert stream.tokens.dtype == np.uint16
-  assert stream.tokens.tolist() == [256, 97, 98, 256, 256, 0xC3, 0xA7, 100]
-  assert (stream.num_docs, stream.num_bytes) == (3, 5)
-
-
-def test_packing_matches_stream(tmp_path):
-  make_corpus(tmp_path)
-  d = data_cfg(tmp_path, paths=(str(tmp_path / "corp"),))
-  b = data.build_data(d, verbose=False)
-  c = data.read_corpus(d.paths, d.extensions, d.val_fraction)
-  tok = data.ByteTokenizer()
-  val_stream = data.tokenize_documents(tok, [c.texts[i] for i in c.val]).tokens
-  n = pipeline.num_windows(len(val_stream), d.seq_len)
-  batches = b.val_batches(10**6)
-  assert len(batches) == n // d.batch_size > 0
-  inputs = np.concatenate([x["inputs"] for x in batches])
-  targets = np.concatenate([x["targets"] for x in batches])
-  covered = len(batches) * d.batch_size * d.seq_len
-  np.testing.assert_array_equal(inputs.reshape(-1), val_stream[:covered])
-  np.testing.assert_array_equal(targets.reshape(-1), val_stream[1:covered + 1])
-  # Train batches are windows of the train stream starting at multiples of seq_len.
-  train_stream = data.tokenize_documents(tok, [c.texts[i] for i in c.train]).tokens
-  assert b.info["num_train_tokens"] == len(train_stream)
-  x = next(b.train_iter)
-  assert x["inputs"].shape == (4, 16) and x["inputs"].dtype == np.int32
-  for row_in, row_tg in zip(x["inputs"], x["targets"]):
-    starts = [s for s in range(0, len(train_stream) - 16, 16)
-              if np.array_equal(train_stream[s:s + 16], row_in)]
-    assert starts and any(np.array_equal(train_stream[s + 1:s + 17], row_tg) for s in starts)
-
-
-def test_iterator_state_restore(tmp_path):
-  make_corpus(tmp_path)
-  d = data_cfg(tmp_path, paths=(str(tmp_path / "corp"),))
-  b = data.build_data(d, seed=3, verbose=False)
-  for _ in range(5):
-    next(b.train_iter)
-  state = b.train_iter.get_state()
-  state_json = json.loads(json.dumps(state))
-  expected = [next(b.train_iter) for _ in range(6)]
-  # A fresh iterator of the same dataset, and one of a freshly built bundle.
-  for it in (iter(b.train_dataset), data.build_data(d, seed=3, verbose=False).train_iter):
-    it.set_state(state_json)
-    got = [next(it) for _ in range(6)]
-    for g, e in zip(got, expected):
-      np.testing.assert_array_equal(g["inputs"], e["inputs"])
-      np.testing.assert_array_equal(g["targets"], e["targets"])
-  # The same iterator restored to an earlier state replays too.
-  b.train_iter.set_state(state)
-  np.testing.assert_array_equal(next(b.train_iter)["inputs"], expected[0]["inputs"])
-  # Another seed gives another order.
-  other = data.build_data(d, seed=4, verbose=False).train_iter
+  seen = [w for _ in range(3 * n // 4 + 1) for w in rows(next(b.train_iter))]
+  for e in range(3):  # every epoch is a permutation of all windows, reshuffled
+    assert sorted(seen[e * n:(e + 1) * n]) == windows
+  assert seen[:n] != seen[n:2 * n]
+  assert b.progress(2 * n) == {"epoch": pytest.approx(2.0)}
+  state = json.loads(json.dumps(b.train_iter.get_state()))
+  expected = [next(b.train_iter) for _ in range(5)]
+  it = pipeline.build_data(d, seed=3, verbose=False).train_iter
+  it.set_state(state)
+  for e in expected:
+    g = next(it)
+    assert set(g) == {"inputs", "targets"}
+    np.testing.assert_array_equal(g["inputs"], e["inputs"])
+    np.testing.assert_array_equal(g["targets"], e["targets"])
+  other = pipeline.build_data(d, seed=4, verbose=False).train_iter
   assert not all(np.array_equal(next(other)["inputs"], e["inputs"]) for e in expected[:3])
 
 
-def test_epochs_reshuffle_same_windows():
-  seq_len, n, bsz = 8, 12, 4
-  tokens = np.arange(n * seq_len + 1, dtype=np.uint16)
-  it = iter(pipeline.train_dataset(tokens, seq_len, bsz, seed=0))
-  epochs = []
-  for _ in range(3):
-    ids = np.concatenate([next(it)["inputs"][:, 0] // seq_len for _ in range(n // bsz)])
-    epochs.append(ids.tolist())
-  for e in epochs:
-    assert sorted(e) == list(range(n))
-  assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
-
-
-def test_val_batches_deterministic(tmp_path):
+def test_val_batches_and_exact_bytes(tmp_path):
   make_corpus(tmp_path)
   d = data_cfg(tmp_path, paths=(str(tmp_path / "corp"),))
-  b1 = data.build_data(d, seed=0, verbose=False)
-  b2 = data.build_data(d, seed=7, verbose=False)
-  v1, v2 = b1.val_batches(3), b2.val_batches(3)
-  assert len(v1) == 3
-  for x, y in zip(v1, v2):
-    np.testing.assert_array_equal(x["inputs"], y["inputs"])
-  np.testing.assert_array_equal(b1.val_batches(1)[0]["targets"], v1[0]["targets"])
-  available = b1.info["num_val_windows"] // d.batch_size
-  assert len(b1.val_batches(available + 50)) == available
-  assert b1.val_batches(0) == []
-  d_big = data_cfg(tmp_path, paths=(str(tmp_path / "corp"),), seq_len=4096)
+  b = pipeline.build_data(d, verbose=False)
+  ((name, (batches, nbytes)),) = b.val_batches(3).items()
+  stream = whole_split(b.info["prepared"][0], "validation")
+  inputs = np.concatenate([x["inputs"] for x in batches]).reshape(-1)
+  np.testing.assert_array_equal(inputs, stream[:3 * 4 * 16])
+  targets = np.concatenate([x["targets"] for x in batches])
+  assert nbytes == int((targets != 256).sum())  # bytes of exactly these targets
+  assert len(b.val_batches(10**6)[name][0]) == b.info["num_val_windows"] // 4
   with pytest.raises(ValueError, match=r"fewer than one batch of config\.data\.batch_size=4"):
-    data.build_data(d_big, verbose=False).val_batches(1)
+    pipeline.build_data(data_cfg(tmp_path, paths=d.paths, seq_len=4096),
+                        verbose=False).val_batches(1)
 
 
-def test_process_sharding(tmp_path):
+def test_processes_read_disjoint_slices_whose_union_is_the_epoch(tmp_path):
+  """2 processes (each feeding 4 devices: 8 of the 16 rows of a global batch)."""
+  make_corpus(tmp_path, num_files=40)
+  d = data_cfg(tmp_path, paths=(str(tmp_path / "corp"),), batch_size=16)
+  glob = pipeline.build_data(d, seed=1, verbose=False)
+  procs = [pipeline.build_data(d, seed=1, process_index=p, process_count=2, verbose=False)
+           for p in range(2)]
+  n = glob.info["num_train_windows"]
+  rows = {p: [] for p in range(2)}
+  for _ in range(-(-n // 16)):
+    g = next(glob.train_iter)
+    parts = [next(s.train_iter) for s in procs]
+    assert parts[0]["inputs"].shape == (8, 16)
+    np.testing.assert_array_equal(np.concatenate([x["inputs"] for x in parts]), g["inputs"])
+    for p in range(2):
+      rows[p] += [tuple(r) for r in parts[p]["inputs"]]
+  stream = whole_split(glob.info["prepared"][0], "train")
+  epoch = [tuple(stream[i * 16:(i + 1) * 16]) for i in range(n)]
+  first = [r for k in range(len(rows[0]) // 8) for p in range(2)
+           for r in rows[p][k * 8:(k + 1) * 8]][:n]
+  assert sorted(first) == sorted(epoch)  # the union of the slices is the epoch, once
+  gv, pv = glob.val_batches(2), [s.val_batches(2) for s in procs]
+  (name,) = gv
+  for k in range(2):
+    np.testing.assert_array_equal(np.concatenate([pv[0][name][0][k]["inputs"],
+                                                  pv[1][name][0][k]["inputs"]]),
+                                  gv[name][0][k]["inputs"])
+  assert pv[0][name][1] == pv[1][name][1] == gv[name][1]  # bytes of the global batches
+  with pytest.raises(ValueError, match="batch_size = 16.*divisible.*3"):
+    pipeline.build_data(d, process_index=0, process_count=3, verbose=False)
+
+
+def _prepared_pair(tmp_path):
+  """Two prepared folders with disjoint alphabets (source A: lowercase, B: digits)."""
+  out = []
+  for name, alphabet in (("a", "abcdefgh \n"), ("b", "0123456789\n")):
+    rng = np.random.default_rng(len(name) + ord(name))
+    root = tmp_path / f"src_{name}"
+    root.mkdir()
+    for i in range(16):
+      (root / f"f{i}.txt").write_text("".join(rng.choice(list(alphabet), 400)))
+    d = data_cfg(tmp_path, paths=(str(root),), extensions=())
+    prepare_lib.prepare(d, str(tmp_path / f"prep_{name}"), verbose=False)
+    out.append(str(tmp_path / f"prep_{name}"))
+  return out
+
+
+def test_mixture_proportions_and_resume(tmp_path):
+  a, b = _prepared_pair(tmp_path)
+  sched = pipeline.MixtureSchedule([0.7, 0.3], seed=5)
+  src, idx = sched.lookup(np.arange(10_000))
+  assert abs((src == 0).mean() - 0.7) < 0.02
+  for s in range(2):  # each source's indices run 0, 1, 2, ... in order
+    np.testing.assert_array_equal(idx[src == s], np.arange((src == s).sum()))
+  np.testing.assert_array_equal(sched.rows_per_source(10_000), np.bincount(src))
+  np.testing.assert_array_equal(sched.rows_per_source(4321), np.bincount(src[:4321]))
+  d = data_cfg(tmp_path, mixture=(f"{a}:0.7", f"{b}:0.3"), batch_size=8)
+  bundle = pipeline.build_data(d, seed=2, verbose=False)
+  digits = 0
+  for _ in range(40):
+    x = next(bundle.train_iter)["inputs"]
+    digits += int(((x >= 48) & (x <= 57)).any(axis=1).sum())
+  assert abs(digits / 320 - 0.3) < 0.05
+  prog = bundle.progress(320)
+  assert prog["prep_a/tokens_seen"] + prog["prep_b/tokens_seen"] == 320 * 16
+  assert prog["prep_a/epoch"] == pytest.approx(2.2 * prog["prep_b/epoch"], rel=0.1)  # same size
+  state = bundle.train_iter.get_state()
+  expected = [next(bundle.train_iter)["inputs"] for _ in range(4)]
+  it = pipeline.build_data(d, seed=2, verbose=False).train_iter
+  it.set_state(state)
+  for e in expected:
+    np.testing.assert_array_equal(next(it)["inputs"], e)
+  assert set(bundle.val_batches(1)) == {"prep_a", "prep_b"}
+  with pytest.raises(ValueError, match="every weight must be >= 1/1000"):
+    pipeline.MixtureSchedule([1.0, 1e-5], seed=0)
+
+
+def test_document_fields():
+  x = np.asarray([[5, 256, 7, 8, 256, 256, 9]])
+  f = pipeline.document_fields(x, 256)
+  assert f["segment_ids"].tolist() == [[0, 1, 1, 1, 2, 3, 3]]
+  assert f["positions"].tolist() == [[0, 0, 1, 2, 0, 0, 1]]
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_bad_inputs_raise_clear_errors(tmp_path, spm_model):
   make_corpus(tmp_path)
   d = data_cfg(tmp_path, paths=(str(tmp_path / "corp"),))
-  glob = data.build_data(d, seed=1, verbose=False)
-  shards = [data.build_data(d, seed=1, process_index=p, process_count=2, verbose=False)
-            for p in range(2)]
-  for _ in range(4):
-    g = next(glob.train_iter)
-    parts = [next(s.train_iter) for s in shards]
-    assert parts[0]["inputs"].shape == (2, 16)
-    np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in parts]), g["inputs"])
-    np.testing.assert_array_equal(np.concatenate([p["targets"] for p in parts]), g["targets"])
-    rows = {tuple(r) for p in parts for r in p["inputs"]}
-    assert len(rows) == 4  # disjoint slices
-  gv = glob.val_batches(2)
-  pv = [s.val_batches(2) for s in shards]
-  for k in range(2):
-    np.testing.assert_array_equal(
-        np.concatenate([pv[0][k]["inputs"], pv[1][k]["inputs"]]), gv[k]["inputs"])
-  with pytest.raises(ValueError, match="batch_size = 4.*divisible.*3"):
-    data.build_data(d, process_index=0, process_count=3, verbose=False)
-
-
-def test_max_documents_and_sentencepiece_pipeline(tmp_path, spm_model):
-  make_corpus(tmp_path)
-  d = data_cfg(tmp_path, paths=(str(tmp_path / "corp"),), tokenizer="sentencepiece",
-               spm_model=spm_model, max_documents=5)
-  b = data.build_data(d, verbose=False)
-  c = data.read_corpus(d.paths, d.extensions, d.val_fraction)
-  assert b.info["num_train_docs"] == 5 and b.info["tokenizer"].startswith("spm-")
-  tok = data.SentencePieceTokenizer(spm_model)
-  expected = data.tokenize_documents(tok, [c.texts[i] for i in c.train[:5]]).tokens
-  assert b.info["num_train_tokens"] == len(expected)
-  x = next(b.train_iter)
-  assert x["inputs"].max() < 100
-
-
-# ------------------------------------------------------------------ tfds sources
-
-def prepare_tfds_dir(tmp_path) -> tuple[str, str]:
-  """Prepares the MoejaxText builder into a fresh data_dir; returns (name, data_dir)."""
-  make_corpus(tmp_path)
-  d = data_cfg(tmp_path, paths=(str(tmp_path / "corp"),), cache_dir=str(tmp_path / "tfds"))
-  src = data.load_source(d, verbose=False)
-  return src.name, str(tmp_path / "tfds")
-
-
-def test_tfds_source_reads_prepared_dataset(tmp_path):
-  name, data_dir = prepare_tfds_dir(tmp_path)
-  emb = data.build_data(data_cfg(tmp_path, paths=(str(tmp_path / "corp"),)), verbose=False)
-  d = data_cfg(tmp_path, source="tfds", tfds_name=name, tfds_data_dir=data_dir)
-  b = data.build_data(d, verbose=False)
-  assert name.startswith("moejax_text/fp-") and b.info["source"] == f"tfds:{name}/1.0.0"
-  for key in ("num_train_docs", "num_val_docs", "num_train_tokens", "num_val_tokens"):
-    assert b.info[key] == emb.info[key], key
-  np.testing.assert_array_equal(b.val_batches(1)[0]["inputs"], emb.val_batches(1)[0]["inputs"])
-  # The token stream is cached beside the prepared dataset.
-  assert any(f.startswith("tokens-train-byte") for f in os.listdir(b.info["cache_dir"]))
-  d.text_key = "body"
-  with pytest.raises(ValueError, match="text_key = 'body'.*fields.*path.*text"):
-    data.build_data(d, verbose=False)
-
-
-def test_tfds_not_prepared_error(tmp_path):
-  empty = str(tmp_path / "nowhere")
-  d = data_cfg(tmp_path, source="tfds", tfds_name="tiny_shakespeare", tfds_data_dir=empty)
-  with pytest.raises(FileNotFoundError) as e:
-    data.build_data(d, verbose=False)
-  msg = str(e.value)
-  assert "'tiny_shakespeare' is not prepared" in msg and empty in msg
-  assert (f"tfds build tiny_shakespeare --data_dir {empty} --file_format array_record"
-          in msg)
-  # Prepared, but as TFRecord (needs TensorFlow): a clear error too.
-  info_dir = tmp_path / "tfr" / "tiny_shakespeare" / "1.0.0"
-  info_dir.mkdir(parents=True)
-  (info_dir / "dataset_info.json").write_text(json.dumps({"fileFormat": "tfrecord"}))
-  d.tfds_data_dir = str(tmp_path / "tfr")
-  with pytest.raises(ValueError, match="(?s)prepared only as \\['tfrecord'\\].*--file_format "
-                     "array_record"):
-    data.build_data(d, verbose=False)
+  folder = pipeline.build_data(d, verbose=False).info["prepared"][0]
+  # A missing path, a missing prepared folder: config validation names the field.
+  for field, value in (("data.paths", ("/no/such/dir",)), ("data.prepared", "/no/such/prep"),
+                       ("data.mixture", ("/no/such/prep:1.0",)), ("data.mixture", ("x",))):
+    c = config_lib.base_config()
+    c.data[field.split(".")[1]] = value
+    with pytest.raises(config_lib.ConfigError, match=f"config.{field}"):
+      config_lib.validate(c)
+  # An empty source.
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty" / "e.py").write_text("")
+  with pytest.raises(ValueError, match="gave no train documents"):
+    pipeline.build_data(data_cfg(tmp_path, paths=(str(tmp_path / "empty"),)), verbose=False)
+  (tmp_path / "none").mkdir()
+  with pytest.raises(ValueError, match="none.*holds no files"):
+    pipeline.build_data(data_cfg(tmp_path, paths=(str(tmp_path / "none"),)), verbose=False)
+  # A folder that is not prepared, and one prepared with another tokenizer.
+  with pytest.raises(ValueError, match="no readable manifest.json"):
+    pipeline.build_data(data_cfg(tmp_path, prepared=str(tmp_path / "none")), verbose=False)
+  with pytest.raises(ValueError, match="prepared with tokenizer 'byte'.*spm-"):
+    pipeline.build_data(data_cfg(tmp_path, prepared=folder, tokenizer="sentencepiece",
+                                 spm_model=spm_model), verbose=False)
+  # A truncated shard, then one corrupted in place (same size).
+  shard = os.path.join(folder, sorted(f for f in os.listdir(folder) if f.startswith("train"))[0])
+  raw = open(shard, "rb").read()
+  with open(shard, "wb") as f:
+    f.write(raw[:len(raw) // 2])
+  with pytest.raises(ValueError, match="train-00000.arrayrecord has .* bytes, the manifest "
+                     "says .*truncated"):
+    pipeline.build_data(data_cfg(tmp_path, prepared=folder), verbose=False)
+  with open(shard, "wb") as f:
+    f.write(raw[:64] + bytes(len(raw) - 64))
+  bundle = pipeline.build_data(data_cfg(tmp_path, prepared=folder), verbose=False)
+  with pytest.raises(ValueError, match="corrupt"):
+    next(bundle.train_iter)
 
 
 # ------------------------------------------------------------------ the default corpus
@@ -382,18 +528,33 @@ def test_tfds_not_prepared_error(tmp_path):
 def test_stdlib_default_corpus(tmp_path):
   d = config_lib.base_config().data
   d.cache_dir = str(tmp_path / "cache")
-  b = data.build_data(d, verbose=False)
+  b = pipeline.build_data(d, verbose=False)
   info = b.info
-  assert info["source_num_files"] > 400  # ~650 on 3.11, ~600 on 3.12
-  assert info["num_train_docs"] + info["num_val_docs"] == info["source_num_files"]
-  assert 0.01 < info["num_val_docs"] / info["source_num_files"] < 0.12
+  m = prepare_lib.read_manifest(info["prepared"][0])
+  assert m["source"]["num_files"] > 400  # ~650 on 3.11, ~600 on 3.12
+  assert 0.01 < info["num_val_docs"] / m["source"]["num_files"] < 0.12
   assert info["num_train_tokens"] > 5_000_000 and info["num_val_tokens"] > 100_000
-  assert 0.999 < info["val_bytes_per_token"] < 1.0
-  c = data.read_corpus((), (".py",), d.val_fraction)
-  assert not any(r.startswith(("test/", "idlelib/", "site-packages/")) for r in c.relpaths)
-  assert "os.py" in c.relpaths and "json/__init__.py" in c.relpaths
+  files = [f.relpath for f in corpus.list_corpus_files((), (".py",))]
+  assert not any(r.startswith(("test/", "idlelib/", "site-packages/")) for r in files)
+  assert "os.py" in files and "json/__init__.py" in files
   x = next(b.train_iter)
-  assert x["inputs"].shape == (16, 256) and x["targets"].shape == (16, 256)
-  assert x["inputs"].max() <= 256
-  v = b.val_batches(2)
-  assert len(v) == 2 and v[0]["inputs"][0, 0] == 256  # the stream starts with BOS
+  assert x["inputs"].shape == (16, 256) and x["inputs"].max() <= 256
+  ((batches, _),) = b.val_batches(2).values()
+  assert batches[0]["inputs"][0, 0] == 256  # the stream starts with BOS
+
+
+def test_max_documents_and_sentencepiece_pipeline(tmp_path, spm_model):
+  make_corpus(tmp_path)
+  d = data_cfg(tmp_path, paths=(str(tmp_path / "corp"),), tokenizer="sentencepiece",
+               spm_model=spm_model, max_documents=5)
+  b = pipeline.build_data(d, verbose=False)
+  assert b.info["num_train_docs"] == 5 and b.info["tokenizer"].startswith("spm-")
+  tok = tokenizers.SentencePieceTokenizer(spm_model)
+  rels = [f.relpath for f in corpus.list_corpus_files(d.paths, d.extensions)]
+  train, _ = corpus.split_files(rels, d.val_fraction)
+  paths = {f.relpath: f.path for f in corpus.list_corpus_files(d.paths, d.extensions)}
+  expected = []
+  for i in train[:5]:
+    expected += [tok.bos_id] + tok.encode(open(paths[rels[i]], encoding="utf-8").read()).tolist()
+  np.testing.assert_array_equal(whole_split(b.info["prepared"][0], "train", tok), expected)
+  assert next(b.train_iter)["inputs"].max() < 100

@@ -25,11 +25,6 @@ ALLOWED = {
     ("moejax.config", "moejax.parallel"):
         "config stays light (tests/test_config.py::test_config_module_imports_nothing_heavy): "
         "parallel imports flax and jax, needed only to check mesh.rules in _validate_mesh",
-    ("moejax.train.loop", "moejax.data"):
-        "moejax.data imports tensorflow_datasets and grain: train() loads them only after "
-        "the config validates, and `python -m moejax.train` with a bad config never does",
-    ("moejax.generate", "moejax.data"):
-        "load_run() only: generate() (tests, notebooks) stays free of tensorflow_datasets",
     ("moejax.generate", "moejax.train.checkpoint"):
         "load_run() only: generate() stays free of orbax",
     ("moejax.generate", "moejax.train.loop"):

@@ -1,22 +1,11 @@
-"""Data: tokenizers, the embedded TFDS corpus (no TensorFlow) and the grain pipeline."""
+"""Data: sources, tokenizers, preparation into token shards, and the streaming pipeline.
 
-from moejax.data.corpus import MoejaxText
-from moejax.data.corpus import TextSource
-from moejax.data.corpus import list_corpus_files
-from moejax.data.corpus import load_source
-from moejax.data.corpus import read_corpus
-from moejax.data.corpus import split_files
-from moejax.data.pipeline import DataBundle
-from moejax.data.pipeline import build_data
-from moejax.data.pipeline import gather_windows
-from moejax.data.pipeline import tokenize_documents
-from moejax.data.tokenizers import ByteTokenizer
-from moejax.data.tokenizers import SentencePieceTokenizer
-from moejax.data.tokenizers import Tokenizer
-from moejax.data.tokenizers import make_tokenizer
-
-__all__ = [
-    "ByteTokenizer", "DataBundle", "MoejaxText", "SentencePieceTokenizer", "TextSource",
-    "Tokenizer", "build_data", "gather_windows", "list_corpus_files", "load_source",
-    "make_tokenizer", "read_corpus", "split_files", "tokenize_documents",
-]
+Import the modules themselves (this package imports nothing, so `moejax.config` can use
+`moejax.data.config` without loading grain or array_record):
+  moejax.data.config      the config.data section (defaults, validation)
+  moejax.data.tokenizers  byte, SentencePiece and Hugging Face tokenizers
+  moejax.data.corpus      document sources (files, JSONL, Parquet, TFDS, HF datasets)
+  moejax.data.prepare     tokenize once into array_record shards + manifest (a CLI)
+  moejax.data.shards      random access into a prepared folder
+  moejax.data.pipeline    windows, mixtures, per-process slices: build_data()
+"""

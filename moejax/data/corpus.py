@@ -1,45 +1,43 @@
-"""Text corpora as TFDS datasets read without TensorFlow.
+"""Document sources: what `moejax.data.prepare` tokenizes, cut into units of work.
 
-Two sources, one result (`TextSource`: random-access splits of documents):
+A source is listed once (`plan_source`) into units, each read by one worker
+(`read_unit`) as (split, text) documents in a fixed order. Concatenating the units in
+order gives each split's documents in order, so a prepared split does not depend on how
+many workers prepared it.
 
-* embedded: local text files (default: this Python's standard library sources), one
-  document per file, written by the `MoejaxText` TFDS builder in array_record format
-  and read back with `builder.as_data_source(split)`. Only needs tensorflow-datasets,
-  array_record and numpy: `tfds.features.Text` encodes/decodes with numpy when
-  TensorFlow is absent (verified with tfds 4.9.10), so the examples are
-  `{"text": Text, "path": Text}` and read back as UTF-8 `bytes`.
-* tfds: an already prepared TFDS dataset (e.g. "tiny_shakespeare", "lm1b") read with
-  `tfds.data_source(..., download=False)`. It must have been prepared in array_record
-  format (`tfds build NAME --data_dir DIR --file_format array_record`); TFRecord needs
-  TensorFlow and downloading needs internet, neither of which moejax assumes.
+* embedded: local files and folders, one document per file (default: this Python's
+  standard library sources, without tests, idlelib and site-packages). Files are sorted
+  by relative path; a file is a validation file iff `int(sha256(relpath)[:8], 16) / 2**32
+  < val_fraction` (if that picks none, the file with the smallest hash). Files that are
+  empty or not valid UTF-8 are skipped and counted. Units group consecutive files up to
+  `data.shard_mb` megabytes.
+* jsonl / parquet: files (or folders of *.jsonl / *.parquet, recursively) with one
+  document per row in the field `data.text_key`; a row is a validation row by the same
+  hash rule over "relpath:row". A unit per file.
+* hf_disk: a folder written by Hugging Face `datasets` `save_to_disk` (a Dataset: state.json
+  and data-*.arrow; a DatasetDict: dataset_dict.json and a folder per split), read with
+  pyarrow without the `datasets` package. Splits are the dataset's own
+  (data.train_split / data.val_split); a single Dataset is split by the hash rule. A unit
+  per arrow file.
+* tfds: a TFDS dataset prepared in array_record format (`tfds build NAME --data_dir DIR
+  --file_format array_record`), read with `tfds.data_source(..., download=False)`, no
+  TensorFlow. Splits are the dataset's own. Units of 20k documents.
 
-Embedded corpus rules:
-* Files are sorted by relative path. A file is a validation file iff
-  `int(sha256(relpath)[:8], 16) / 2**32 < val_fraction`; if that picks none, the file
-  with the smallest hash is used. Files that are empty or not valid UTF-8 are skipped.
-* The fingerprint is sha256 over (relpath, sha256(content)) of every file in order plus
-  val_fraction and extensions. The TFDS config is named `fp-<12 hex>`, so a changed
-  corpus is prepared afresh under `<cache_dir>/moejax_text/fp-.../1.0.0` and an unchanged
-  one is reused (reading and hashing 11 MB of files takes ~0.1 s).
+Fingerprint (recorded in the manifest; a changed source is prepared afresh): sha256 over
+every file's relpath, size and the sha256 of its first and last MiB, plus the options
+that change the documents (kind, val_fraction, extensions, text_key, splits,
+max_documents). For TFDS: the dataset's dataset_info.json.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import hashlib
-import io
 import json
-import logging
 import os
 import sysconfig
-import time
 from typing import Any, Iterator, Sequence
-
-import ml_collections
-import numpy as np
-import tensorflow_datasets as tfds
 
 # Folders of the standard library that are not library sources (or are huge test data).
 STDLIB_SKIP_DIRS = frozenset({
@@ -48,14 +46,19 @@ STDLIB_SKIP_DIRS = frozenset({
 })
 # Never walked in user folders either.
 ALWAYS_SKIP_DIRS = frozenset({"__pycache__", ".git", ".hg", ".svn"})
-DEFAULT_CACHE = os.path.join("~", ".cache", "moejax", "tfds")
+TFDS_UNIT_DOCS = 20_000
+SPLITS = ("train", "validation")
+
+
+class SourceError(ValueError):
+  """A source that cannot be read: the message names the path and the field."""
 
 
 # ------------------------------------------------------------------ file listing
 
 @dataclasses.dataclass(frozen=True)
 class CorpusFile:
-  """A file of the embedded corpus: `relpath` names it in splits and fingerprints."""
+  """A file of a source: `relpath` names it in splits and fingerprints."""
 
   relpath: str
   path: str
@@ -79,8 +82,9 @@ def stdlib_root() -> str:
   return sysconfig.get_paths()["stdlib"]
 
 
-def list_corpus_files(paths: Sequence[str], extensions: Sequence[str]) -> list[CorpusFile]:
-  """Files of the corpus sorted by relative path.
+def list_corpus_files(paths: Sequence[str], extensions: Sequence[str],
+                      field: str = "data.paths") -> list[CorpusFile]:
+  """Files sorted by relative path.
 
   Empty `paths`: the standard library (`extensions` filter; no tests, idlelib,
   site-packages). Otherwise each file is taken as is (relpath = its name) and each folder
@@ -90,8 +94,8 @@ def list_corpus_files(paths: Sequence[str], extensions: Sequence[str]) -> list[C
 
   def add(rel: str, path: str):
     if rel in files and os.path.realpath(files[rel]) != os.path.realpath(path):
-      raise ValueError(f"config.data.paths: two files share the corpus name {rel!r}: "
-                       f"{files[rel]!r} and {path!r}; rename one of the folders")
+      raise SourceError(f"config.{field}: two files share the corpus name {rel!r}: "
+                        f"{files[rel]!r} and {path!r}; rename one of the folders")
     files[rel] = path
 
   if not paths:
@@ -107,14 +111,14 @@ def list_corpus_files(paths: Sequence[str], extensions: Sequence[str]) -> list[C
       for rel in _walk(p, extensions, ALWAYS_SKIP_DIRS):
         add(f"{base}/{rel}", os.path.join(p, rel))
     else:
-      raise ValueError(f"config.data.paths = {p!r} is not allowed: every path must be an "
-                       "existing file or folder")
+      raise SourceError(f"config.{field} = {p!r} is not allowed: every path must be an "
+                        "existing file or folder")
   return [CorpusFile(rel, files[rel]) for rel in sorted(files)]
 
 
-def path_hash_fraction(relpath: str) -> float:
-  """A number in [0, 1) fixed by the relative path; it decides the split."""
-  return int(hashlib.sha256(relpath.encode("utf-8")).hexdigest()[:8], 16) / 2**32
+def path_hash_fraction(key: str) -> float:
+  """A number in [0, 1) fixed by a document's key; it decides the split."""
+  return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) / 2**32
 
 
 def split_files(relpaths: Sequence[str], val_fraction: float) -> tuple[list[int], list[int]]:
@@ -122,205 +126,190 @@ def split_files(relpaths: Sequence[str], val_fraction: float) -> tuple[list[int]
   fracs = [path_hash_fraction(r) for r in relpaths]
   val = [i for i, f in enumerate(fracs) if f < val_fraction]
   if not val and relpaths:
-    val = [int(np.argmin(fracs))]
+    val = [min(range(len(fracs)), key=fracs.__getitem__)]
   val_set = set(val)
-  train = [i for i in range(len(relpaths)) if i not in val_set]
-  return train, val
+  return [i for i in range(len(relpaths)) if i not in val_set], val
+
+
+def file_fingerprint(path: str, relpath: str) -> str:
+  """relpath, size and the sha256 of the first and last MiB (cheap for large corpora)."""
+  size = os.path.getsize(path)
+  h = hashlib.sha256(f"{relpath}\0{size}\0".encode("utf-8"))
+  with open(path, "rb") as f:
+    h.update(f.read(1 << 20))
+    if size > 2 << 20:
+      f.seek(size - (1 << 20))
+      h.update(f.read())
+    elif size > 1 << 20:
+      h.update(f.read())
+  return h.hexdigest()
+
+
+# ------------------------------------------------------------------ plans
+
+@dataclasses.dataclass
+class Unit:
+  """One worker's share of a source: `items` depend on the kind (see `read_unit`)."""
+
+  index: int
+  kind: str
+  items: list[Any]
+  num_bytes: int  # input bytes (progress bar)
 
 
 @dataclasses.dataclass
-class Corpus:
-  """The embedded corpus read into memory."""
-
-  relpaths: list[str]
-  texts: list[str]
-  train: list[int]
-  val: list[int]
-  fingerprint: str
-  num_bytes: int
-  skipped_not_utf8: int
-  skipped_empty: int
-
-
-def read_corpus(paths: Sequence[str], extensions: Sequence[str],
-                val_fraction: float) -> Corpus:
-  """Reads, filters, splits and fingerprints the embedded corpus."""
-  files = list_corpus_files(paths, extensions)
-  relpaths, texts = [], []
-  digest = hashlib.sha256()
-  bad = empty = num_bytes = 0
-  for f in files:
-    with open(f.path, "rb") as fh:
-      raw = fh.read()
-    if not raw:
-      empty += 1
-      continue
-    try:
-      text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-      bad += 1
-      continue
-    relpaths.append(f.relpath)
-    texts.append(text)
-    num_bytes += len(raw)
-    digest.update(f"{f.relpath}\0{hashlib.sha256(raw).hexdigest()}\n".encode("utf-8"))
-  if bad:
-    logging.warning("moejax.data: skipped %d files that are not valid UTF-8", bad)
-  if not relpaths:
-    raise ValueError(f"config.data.paths = {tuple(paths)!r} with extensions "
-                     f"{tuple(extensions)!r} gives no non-empty UTF-8 text files")
-  digest.update(f"val_fraction={float(val_fraction)!r};"
-                f"extensions={sorted(extensions)!r}".encode("utf-8"))
-  train, val = split_files(relpaths, val_fraction)
-  if not train:
-    raise ValueError(
-        f"the embedded corpus has {len(relpaths)} file(s) and all went to validation "
-        f"(data.val_fraction={val_fraction}); the split is by file, so give at least two "
-        "files (e.g. split a single big text file into parts)")
-  return Corpus(relpaths, texts, train, val, digest.hexdigest(), num_bytes, bad, empty)
-
-
-# ------------------------------------------------------------------ TFDS builder
-
-class MoejaxText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Local text files, one example per file, splits "train" and "validation"."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "One example per file: text and relative path."}
-
-  def __init__(self, *, corpus: Corpus | None = None, **kwargs: Any):
-    self._corpus = corpus
-    super().__init__(**kwargs)
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> None:
-    """No code folder: it holds only download checksums, and TFDS's lookup of it needs
-    the `importlib_resources` package for builders defined inside a package."""
-    return None
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="Local text files (default: the Python standard library sources).",
-        features=tfds.features.FeaturesDict({
-            "text": tfds.features.Text(),
-            "path": tfds.features.Text(),
-        }),
-        disable_shuffling=True,  # keep the sorted-by-path order
-    )
-
-  def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
-    del dl_manager
-    if self._corpus is None:
-      raise ValueError("MoejaxText needs corpus=... to be prepared")
-    c = self._corpus
-    return {"train": self._generate_examples(c.train), "validation": self._generate_examples(c.val)}
-
-  def _generate_examples(self, indices: Sequence[int]) -> Iterator[tuple[str, dict[str, str]]]:
-    c = self._corpus
-    for i in indices:
-      yield c.relpaths[i], {"text": c.texts[i], "path": c.relpaths[i]}
-
-
-@contextlib.contextmanager
-def _quiet_tfds() -> Iterator[None]:
-  """Silences TFDS progress bars, prints and info logs while preparing."""
-  from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=g-import-not-at-top
-
-  was_active = getattr(tqdm_utils, "_active", True)
-  absl_logger = logging.getLogger("absl")
-  old_level = absl_logger.level
-  tfds.display_progress_bar(False)
-  absl_logger.setLevel(logging.ERROR)
-  try:
-    with contextlib.redirect_stdout(io.StringIO()):
-      yield
-  finally:
-    tfds.display_progress_bar(was_active)
-    absl_logger.setLevel(old_level)
-
-
-# ------------------------------------------------------------------ sources
-
-@dataclasses.dataclass
-class TextSource:
-  """Prepared splits of documents with random access (`len`, `__getitems__`)."""
-
-  kind: str  # "embedded" | "tfds"
+class SourcePlan:
+  kind: str
   name: str
   fingerprint: str
-  splits: dict[str, Any]
-  text_key: str
-  cache_dir: str  # where derived files (token streams) are written
-  prepare_seconds: float
+  units: list[Unit]
+  options: dict[str, Any]  # what read_unit needs besides the unit
   stats: dict[str, Any]
 
-  def num_documents(self, split: str) -> int:
-    return len(self.splits[split])
 
-  def documents(self, split: str, max_documents: int = 0,
-                chunk: int = 1024) -> Iterator[str]:
-    """The documents of `split` in stored order (the first `max_documents` if > 0)."""
-    source = self.splits[split]
-    n = len(source) if max_documents <= 0 else min(len(source), max_documents)
-    for start in range(0, n, chunk):
-      for rec in source.__getitems__(list(range(start, min(n, start + chunk)))):
-        text = rec[self.text_key]
-        if isinstance(text, np.ndarray):
-          text = text.item()
-        yield text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+def _options(data_cfg) -> dict[str, Any]:
+  return {"kind": data_cfg.source, "val_fraction": float(data_cfg.val_fraction),
+          "text_key": data_cfg.text_key, "train_split": data_cfg.train_split,
+          "val_split": data_cfg.val_split, "max_documents": int(data_cfg.max_documents),
+          "extensions": sorted(data_cfg.extensions) if data_cfg.source == "embedded" else []}
 
 
-def resolve_cache_dir(data_cfg: ml_collections.ConfigDict) -> str:
-  return os.path.abspath(os.path.expanduser(data_cfg.cache_dir or DEFAULT_CACHE))
+def _fingerprint(parts: Sequence[str], options: dict[str, Any]) -> str:
+  h = hashlib.sha256()
+  for p in parts:
+    h.update(p.encode("utf-8") + b"\n")
+  h.update(json.dumps(options, sort_keys=True).encode("utf-8"))
+  return h.hexdigest()
 
 
-def embedded_builder(data_cfg: ml_collections.ConfigDict,
-                     corpus: Corpus | None = None) -> tuple[MoejaxText, Corpus]:
-  """The builder of the embedded corpus (config `fp-<fingerprint[:12]>`), not prepared."""
-  if corpus is None:
-    corpus = read_corpus(tuple(data_cfg.paths), tuple(data_cfg.extensions),
-                         data_cfg.val_fraction)
-  config = tfds.core.BuilderConfig(
-      name=f"fp-{corpus.fingerprint[:12]}",
-      description=f"corpus fingerprint {corpus.fingerprint}")
-  with _quiet_tfds():  # "Using custom data configuration" is expected
-    builder = MoejaxText(corpus=corpus, config=config, data_dir=resolve_cache_dir(data_cfg),
-                         file_format="array_record")
-  return builder, corpus
-
-
-def prepare_embedded(data_cfg: ml_collections.ConfigDict, verbose: bool = True) -> TextSource:
-  """Reads the local files and prepares them once as a TFDS dataset (reused after)."""
-  t0 = time.perf_counter()
-  builder, corpus = embedded_builder(data_cfg)
+def _plan_embedded(data_cfg) -> SourcePlan:
+  files = list_corpus_files(tuple(data_cfg.paths), tuple(data_cfg.extensions))
+  if not files:
+    raise SourceError(f"config.data.paths = {tuple(data_cfg.paths)!r} with "
+                      f"config.data.extensions = {tuple(data_cfg.extensions)!r} holds no files")
+  opts = _options(data_cfg)
+  train, val = split_files([f.relpath for f in files], data_cfg.val_fraction)
+  split_of = {i: "train" for i in train} | {i: "validation" for i in val}
+  if data_cfg.max_documents:  # the first N files of each split in sorted order
+    keep = set(train[:data_cfg.max_documents]) | set(val[:data_cfg.max_documents])
+    files_idx = [i for i in range(len(files)) if i in keep]
+  else:
+    files_idx = list(range(len(files)))
+  units, cur, cur_bytes, total = [], [], 0, 0
+  limit = data_cfg.shard_mb * 1e6
+  prints = []
+  for i in files_idx:
+    f = files[i]
+    size = os.path.getsize(f.path)
+    prints.append(file_fingerprint(f.path, f.relpath))
+    cur.append((f.relpath, f.path, split_of[i]))
+    cur_bytes += size
+    total += size
+    if cur_bytes >= limit:
+      units.append(Unit(len(units), "embedded", cur, cur_bytes))
+      cur, cur_bytes = [], 0
+  if cur:
+    units.append(Unit(len(units), "embedded", cur, cur_bytes))
   root = "stdlib " + stdlib_root() if not data_cfg.paths else ", ".join(data_cfg.paths)
-  with _quiet_tfds():
-    prepared = builder.is_prepared()
-  if not prepared:
-    if verbose:
-      print(f"moejax.data: preparing embedded corpus ({len(corpus.relpaths)} files, "
-            f"{corpus.num_bytes / 1e6:.1f} MB from {root}) -> {builder.data_dir}", flush=True)
-    try:
-      with _quiet_tfds():
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    except Exception:  # another process may have prepared it at the same time
-      with _quiet_tfds():
-        if not builder.is_prepared():
-          raise
-  with _quiet_tfds():
-    splits = {s: builder.as_data_source(split=s) for s in ("train", "validation")}
-  seconds = time.perf_counter() - t0
-  stats = {"num_files": len(corpus.relpaths), "num_bytes": corpus.num_bytes,
-           "skipped_not_utf8": corpus.skipped_not_utf8, "skipped_empty": corpus.skipped_empty,
-           "root": root}
-  return TextSource("embedded", f"moejax_text/{builder.builder_config.name}",
-                    corpus.fingerprint, splits, "text", builder.data_dir, seconds, stats)
+  return SourcePlan("embedded", root, _fingerprint(prints, opts), units, opts,
+                    {"num_files": len(files_idx), "input_bytes": total})
 
 
-def tfds_data_dir(data_cfg: ml_collections.ConfigDict) -> str:
+def _rows_files(data_cfg, ext: str) -> list[CorpusFile]:
+  files = list_corpus_files(tuple(data_cfg.paths), (ext,))
+  if not files:
+    raise SourceError(f"config.data.paths = {tuple(data_cfg.paths)!r} holds no {ext} files "
+                      f"(data.source={data_cfg.source!r})")
+  return files
+
+
+def _plan_rows(data_cfg) -> SourcePlan:
+  """jsonl / parquet: a unit per file; the text field is checked here, before any work."""
+  kind = data_cfg.source
+  files = _rows_files(data_cfg, ".jsonl" if kind == "jsonl" else ".parquet")
+  opts = _options(data_cfg)
+  for f in files:
+    check_text_field(kind, f.path, data_cfg.text_key)
+  units = [Unit(i, kind, [(f.relpath, f.path)], os.path.getsize(f.path))
+           for i, f in enumerate(files)]
+  prints = [file_fingerprint(f.path, f.relpath) for f in files]
+  return SourcePlan(kind, ", ".join(data_cfg.paths), _fingerprint(prints, opts), units, opts,
+                    {"num_files": len(files), "input_bytes": sum(u.num_bytes for u in units)})
+
+
+def check_text_field(kind: str, path: str, text_key: str) -> None:
+  """Raises SourceError unless the first row of `path` has the field `text_key`."""
+  if kind == "jsonl":
+    with open(path, "rb") as f:
+      for n, line in enumerate(f, 1):
+        if line.strip():
+          try:
+            row = json.loads(line)
+          except ValueError as e:
+            raise SourceError(f"{path}:{n} is not valid JSON ({e})") from None
+          if not isinstance(row, dict) or text_key not in row:
+            fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise SourceError(f"{path}:{n} has no field config.data.text_key = {text_key!r}; "
+                              f"its fields: {fields}")
+          return
+    raise SourceError(f"{path} is empty: no JSON lines (data.source='jsonl')")
+  names = _arrow_schema_names(kind, path)
+  if text_key not in names:
+    raise SourceError(f"{path} has no column config.data.text_key = {text_key!r}; its "
+                      f"columns: {names}")
+
+
+def _arrow_schema_names(kind: str, path: str) -> list[str]:
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+  try:
+    if kind == "parquet":
+      return list(pq.ParquetFile(path).schema_arrow.names)
+    with pa.memory_map(path) as src:
+      return list(pa.ipc.open_stream(src).schema.names)
+  except (pa.ArrowInvalid, OSError) as e:
+    raise SourceError(f"{path} cannot be read as {kind} ({e})") from None
+
+
+def _plan_hf_disk(data_cfg) -> SourcePlan:
+  opts = _options(data_cfg)
+  units, prints = [], []
+  for root in data_cfg.paths:
+    root = os.path.expanduser(root)
+    if os.path.isfile(os.path.join(root, "dataset_dict.json")):
+      with open(os.path.join(root, "dataset_dict.json")) as f:
+        have = json.load(f).get("splits", [])
+      wanted = {data_cfg.train_split: "train", data_cfg.val_split: "validation"}
+      for s in wanted:
+        if s not in have:
+          raise SourceError(f"{root}: the dataset has splits {have}, not {s!r} "
+                            "(config.data.train_split / config.data.val_split)")
+      parts = [(os.path.join(root, s), wanted[s]) for s in wanted]
+    elif os.path.isfile(os.path.join(root, "state.json")):
+      parts = [(root, "")]  # one Dataset: split by the hash rule
+    else:
+      raise SourceError(f"config.data.paths = {root!r} is not a folder written by datasets' "
+                        "save_to_disk (no dataset_dict.json or state.json)")
+    for folder, split in parts:
+      with open(os.path.join(folder, "state.json")) as f:
+        names = [d["filename"] for d in json.load(f).get("_data_files", [])]
+      if not names:
+        raise SourceError(f"{folder}/state.json lists no arrow files")
+      for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+          raise SourceError(f"{path} is listed in {folder}/state.json but does not exist")
+        check_text_field("hf_disk", path, data_cfg.text_key)
+        rel = os.path.relpath(path, os.path.dirname(os.path.normpath(root)))
+        units.append(Unit(len(units), "hf_disk", [(rel, path, split)], os.path.getsize(path)))
+        prints.append(file_fingerprint(path, rel))
+  return SourcePlan("hf_disk", ", ".join(data_cfg.paths), _fingerprint(prints, opts), units,
+                    opts, {"num_files": len(units),
+                           "input_bytes": sum(u.num_bytes for u in units)})
+
+
+def tfds_data_dir(data_cfg) -> str:
   """data.tfds_data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
   d = data_cfg.tfds_data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
   return os.path.abspath(os.path.expanduser(d))
@@ -344,65 +333,154 @@ def find_prepared_tfds(name: str, data_dir: str) -> list[str]:
   root = os.path.join(data_dir, *base.split("/"))
   found = []
   for depth in ("", "*", os.path.join("*", "*")):
-    pattern = os.path.join(root, depth, "dataset_info.json")
-    found += [os.path.dirname(p) for p in glob.glob(pattern)]
+    found += [os.path.dirname(p) for p in glob.glob(os.path.join(root, depth,
+                                                                 "dataset_info.json"))]
   if version:
     found = [d for d in found if os.path.basename(d) == version]
   return sorted(found)
 
 
-def open_tfds(data_cfg: ml_collections.ConfigDict, splits: Sequence[str]) -> TextSource:
-  """Opens a prepared TFDS dataset with `tfds.data_source` (array_record, no TF)."""
-  t0 = time.perf_counter()
+def open_tfds_split(name: str, split: str, data_dir: str):
+  """`tfds.data_source` of one split (array_record, no TensorFlow); clear errors."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise SourceError(_not_prepared_message(
+        name, data_dir, f"could not be opened for split {split!r} ({type(e).__name__}: "
+        f"{(str(e).splitlines() or [''])[0][:300]})")) from e
+
+
+def _plan_tfds(data_cfg) -> SourcePlan:
   name, data_dir = data_cfg.tfds_name, tfds_data_dir(data_cfg)
   prepared = find_prepared_tfds(name, data_dir)
   if not prepared:
-    raise FileNotFoundError(_not_prepared_message(name, data_dir, "is not prepared"))
+    raise SourceError(_not_prepared_message(name, data_dir, "is not prepared"))
   formats = set()
   for d in prepared:
     with open(os.path.join(d, "dataset_info.json")) as f:
       formats.add(json.load(f).get("fileFormat", "tfrecord"))
   if "array_record" not in formats:
-    raise ValueError(_not_prepared_message(
+    raise SourceError(_not_prepared_message(
         name, data_dir, f"is prepared only as {sorted(formats)} (needs TensorFlow)"))
-  sources = {}
-  for split in splits:
-    try:
-      with _quiet_tfds():
-        sources[split] = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(_not_prepared_message(
-          name, data_dir, f"could not be opened for split {split!r} ({type(e).__name__}: "
-          f"{(str(e).splitlines() or [''])[0][:300]})")) from e
-  info = sources[splits[0]].dataset_info
-  dataset_dir = os.fspath(info.data_dir)
-  with open(os.path.join(dataset_dir, "dataset_info.json"), "rb") as f:
-    info_json = f.read()
-  fingerprint = hashlib.sha256(
-      info.full_name.encode() + b"\0" + info_json + b"\0" + data_cfg.text_key.encode()
-  ).hexdigest()
-  for split, src in sources.items():
-    rec = src[0] if len(src) else {}
-    if len(src) and data_cfg.text_key not in rec:
-      raise ValueError(f"config.data.text_key = {data_cfg.text_key!r} is not allowed: "
-                       f"dataset {name!r} split {split!r} has fields {sorted(rec)}")
-  stats = {"dataset_dir": dataset_dir}
-  return TextSource("tfds", info.full_name, fingerprint, sources, data_cfg.text_key,
-                    dataset_dir, time.perf_counter() - t0, stats)
+  opts = _options(data_cfg) | {"tfds_name": name, "tfds_data_dir": data_dir}
+  units, info_json = [], b""
+  for split, label in ((data_cfg.train_split, "train"), (data_cfg.val_split, "validation")):
+    src = open_tfds_split(name, split, data_dir)
+    n = len(src)
+    if n and data_cfg.text_key not in src[0]:
+      raise SourceError(f"config.data.text_key = {data_cfg.text_key!r} is not allowed: "
+                        f"dataset {name!r} split {split!r} has fields {sorted(src[0])}")
+    if data_cfg.max_documents:
+      n = min(n, data_cfg.max_documents)
+    for lo in range(0, n, TFDS_UNIT_DOCS):
+      units.append(Unit(len(units), "tfds", [(split, label, lo, min(n, lo + TFDS_UNIT_DOCS))],
+                        0))
+    if not info_json:
+      with open(os.path.join(os.fspath(src.dataset_info.data_dir), "dataset_info.json"),
+                "rb") as f:
+        info_json = f.read()
+  fp = _fingerprint([name, hashlib.sha256(info_json).hexdigest()], opts)
+  return SourcePlan("tfds", name, fp, units, opts, {"tfds_data_dir": data_dir})
 
 
-def load_source(data_cfg: ml_collections.ConfigDict, verbose: bool = True) -> TextSource:
-  """The prepared text source named by `data_cfg.source`."""
-  if data_cfg.source == "embedded":
-    if (data_cfg.train_split, data_cfg.val_split) != ("train", "validation"):
-      raise ValueError("config.data.train_split/val_split must be 'train'/'validation' for "
-                       f"the embedded corpus, got {data_cfg.train_split!r}/"
-                       f"{data_cfg.val_split!r}")
-    return prepare_embedded(data_cfg, verbose=verbose)
-  if data_cfg.source == "tfds":
+def plan_source(data_cfg) -> SourcePlan:
+  """Lists `data.source` into units (cheap: no document is tokenized)."""
+  kind = data_cfg.source
+  if kind == "embedded":
+    return _plan_embedded(data_cfg)
+  if kind in ("jsonl", "parquet"):
+    return _plan_rows(data_cfg)
+  if kind == "hf_disk":
+    return _plan_hf_disk(data_cfg)
+  if kind == "tfds":
     if not data_cfg.tfds_name:
-      raise ValueError("config.data.tfds_name = '' is not allowed: a TFDS dataset name is "
-                       "required when data.source='tfds'")
-    return open_tfds(data_cfg, (data_cfg.train_split, data_cfg.val_split))
-  raise ValueError(f"config.data.source = {data_cfg.source!r} is not allowed: must be one of "
-                   "['embedded', 'tfds']")
+      raise SourceError("config.data.tfds_name = '' is not allowed: a TFDS dataset name is "
+                        "required when data.source='tfds'")
+    return _plan_tfds(data_cfg)
+  raise SourceError(f"config.data.source = {kind!r} is not allowed: must be one of "
+                    "['embedded', 'jsonl', 'parquet', 'tfds', 'hf_disk']")
+
+
+# ------------------------------------------------------------------ reading a unit
+
+def _hash_split(key: str, val_fraction: float) -> str:
+  return "validation" if path_hash_fraction(key) < val_fraction else "train"
+
+
+def _as_text(value: Any, where: str) -> str:
+  if isinstance(value, bytes):
+    return value.decode("utf-8", errors="replace")
+  if hasattr(value, "item") and not isinstance(value, str):
+    value = value.item()
+    if isinstance(value, bytes):
+      return value.decode("utf-8", errors="replace")
+  if not isinstance(value, str):
+    raise SourceError(f"{where}: the text field holds a {type(value).__name__}, not text")
+  return value
+
+
+def read_unit(unit: Unit, options: dict[str, Any], stats: dict[str, int]
+              ) -> Iterator[tuple[str, str]]:
+  """(split, text) of every document of the unit in order; counts skips in `stats`."""
+  key, frac = options["text_key"], options["val_fraction"]
+  if unit.kind == "embedded":
+    for relpath, path, split in unit.items:
+      with open(path, "rb") as f:
+        raw = f.read()
+      if not raw:
+        stats["skipped_empty"] = stats.get("skipped_empty", 0) + 1
+        continue
+      try:
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError:
+        stats["skipped_not_utf8"] = stats.get("skipped_not_utf8", 0) + 1
+        continue
+      yield split, text
+  elif unit.kind == "jsonl":
+    ((relpath, path),) = unit.items
+    with open(path, "rb") as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+        except ValueError as e:
+          raise SourceError(f"{path}:{n} is not valid JSON ({e})") from None
+        if not isinstance(row, dict) or key not in row:
+          raise SourceError(f"{path}:{n} has no field config.data.text_key = {key!r}")
+        yield _hash_split(f"{relpath}:{n}", frac), _as_text(row[key], f"{path}:{n}")
+  elif unit.kind in ("parquet", "hf_disk"):
+    relpath, path = unit.items[0][:2]
+    split = unit.items[0][2] if unit.kind == "hf_disk" else ""
+    for n, value in enumerate(_arrow_column(unit.kind, path, key)):
+      if value is None:
+        stats["skipped_empty"] = stats.get("skipped_empty", 0) + 1
+        continue
+      yield split or _hash_split(f"{relpath}:{n}", frac), _as_text(value, f"{path} row {n}")
+  elif unit.kind == "tfds":
+    ((split, label, lo, hi),) = unit.items
+    src = open_tfds_split(options["tfds_name"], split, options["tfds_data_dir"])
+    for start in range(lo, hi, 1024):
+      for rec in src.__getitems__(list(range(start, min(hi, start + 1024)))):
+        yield label, _as_text(rec[key], f"tfds {options['tfds_name']} {split}")
+  else:
+    raise SourceError(f"unknown unit kind {unit.kind!r}")
+
+
+def _arrow_column(kind: str, path: str, key: str) -> Iterator[Any]:
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+  try:
+    if kind == "parquet":
+      for batch in pq.ParquetFile(path).iter_batches(columns=[key], batch_size=4096):
+        yield from batch.column(0).to_pylist()
+    else:
+      with pa.memory_map(path) as src:
+        reader = pa.ipc.open_stream(src)
+        for batch in reader:
+          yield from batch.column(batch.schema.get_field_index(key)).to_pylist()
+  except (pa.ArrowInvalid, OSError) as e:
+    raise SourceError(f"{path} cannot be read as {kind} ({e})") from None

@@ -59,8 +59,13 @@ class Attention(nn.Module):
   def __call__(self, x_BTD: Array, positions_BT: Array, *, loop: int = 0, slot: int = 0,
                token_mask_BT: Array | None = None, shared_kv: tuple | None = None,
                return_kv: bool = False, rows_N: Array | None = None,
-               cache_view: tuple | None = None, write_kv: tuple | None = None):
-    """cache_view / write_kv split a row-gathered decoding step (MoR) in two, so the
+               cache_view: tuple | None = None, write_kv: tuple | None = None,
+               segment_ids_BT: Array | None = None):
+    """segment_ids_BT (packed documents; not while decoding): a query sees only keys of
+    its own segment, so with positions restarting per document each document attends
+    exactly as if it ran alone.
+
+    cache_view / write_kv split a row-gathered decoding step (MoR) in two, so the
     caches stay out of the conditional that picks the row buffer (XLA copies whole
     caches through a conditional's branches): cache_view = this slot's compact cache
     (k, v, pos, count; full batch, read only) -> attend over the rows_N rows with the new
@@ -117,6 +122,10 @@ class Attention(nn.Module):
     mask_BTS = kpos_BS[:, None, :] <= positions_BT[:, :, None]
     if kvalid_BS is not None:
       mask_BTS = mask_BTS & kvalid_BS[:, None, :]
+    if segment_ids_BT is not None:
+      if self.decode:
+        raise ValueError("segment_ids_BT is not supported while decoding")
+      mask_BTS = mask_BTS & (segment_ids_BT[:, None, :] == segment_ids_BT[:, :, None])
     out_BTHD = attend(q_BTHD, k_all, v_all, mask_BTS)
     out_BTD = proj("o", out_BTHD, w_o, "bthe,hed->btd", n_in=2)
     out_BTD = constrain(out_BTD, ("batch", "length", "embed"))

@@ -6,7 +6,8 @@ per-loop norms, a KV cache per loop), an optional token mask (Mixture-of-Recursi
 tokens attention keeps as keys and the MoE FFN counts) and optional shared keys/values,
 and returns its keys/values for KV sharing. While decoding, `rows_N` says which batch rows
 of the caches the (row-gathered) input holds; `cache_view` / `write_kv` split such a step
-into a read-only attention and a cache write (moejax.layers.attention).
+into a read-only attention and a cache write (moejax.layers.attention). `segment_ids_BT`
+(packed documents, training and evaluation only) keeps attention inside each document.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class Block(nn.Module):
   shared: bool = False  # a looped block of a recursive model
 
   @nn.compact
-  def __call__(self, x_BTD: Array, positions_BT: Array, tokens_BT: Array, loop: int = 0,
+  def __call__(self, x_BTD: Array, positions_BT: Array, tokens_BT: Array,
+               segment_ids_BT: Array | None = None, loop: int = 0,
                token_mask_BT: Array | None = None, shared_kv: tuple | None = None,
                rows_N: Array | None = None, cache_view: tuple | None = None,
                write_kv: tuple | None = None):
@@ -55,7 +57,7 @@ class Block(nn.Module):
     h = RMSNorm(c.norm_eps, cdt, pdt, copies, name="attn_norm")(x_BTD, loop)
     out = attn(h, positions_BT, loop=loop, slot=loop, token_mask_BT=token_mask_BT,
                shared_kv=shared_kv, return_kv=self.shared, rows_N=rows_N,
-               cache_view=cache_view)
+               cache_view=cache_view, segment_ids_BT=segment_ids_BT)
     out, kv = out if self.shared else (out, None)
     x_BTD = x_BTD + out
     h = RMSNorm(c.norm_eps, cdt, pdt, copies, name="ffn_norm")(x_BTD, loop)
@@ -76,10 +78,11 @@ class BlockGroup(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD: Array, positions_BT: Array, tokens_BT: Array):
+  def __call__(self, x_BTD: Array, positions_BT: Array, tokens_BT: Array,
+               segment_ids_BT: Array | None = None):
     for i, kind in enumerate(self.kinds):
       x_BTD, _ = Block(self.cfg, self.decode, self.deterministic, kind, name=f"block_{i}")(
-          x_BTD, positions_BT, tokens_BT)
+          x_BTD, positions_BT, tokens_BT, segment_ids_BT)
     return x_BTD, None
 
 

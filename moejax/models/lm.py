@@ -103,8 +103,14 @@ class LM(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, tokens_BT: Array, positions_BT: Array | None = None) -> Array:
+  def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
+               segment_ids_BT: Array | None = None) -> Array:
+    """positions_BT: RoPE positions (default 0..T-1; packed documents restart them);
+    segment_ids_BT: packed documents' ids, so attention never crosses documents."""
     c = self.cfg
+    if segment_ids_BT is not None and self.decode:
+      raise ValueError("segment_ids_BT (document masking) is for training and evaluation; "
+                       "decoding runs one document per row")
     cdt, pdt = dtype(c.compute_dtype), dtype(c.param_dtype)
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32),
@@ -116,7 +122,7 @@ class LM(nn.Module):
     layer = 0
     if c.recursion is not None:
       x_BTD = RecursiveStack(c, self.decode, self.deterministic, name="recursion")(
-          x_BTD, positions_BT, tokens_BT)
+          x_BTD, positions_BT, tokens_BT, segment_ids_BT)
     for name, kinds, repeats in ([] if c.recursion is not None else c.segments()):
       if len(kinds) == 1:
         unit, args = Block, (c, self.decode, self.deterministic, kinds[0])
@@ -127,12 +133,13 @@ class LM(nn.Module):
       if c.scan_layers:
         stack = nn.scan(unit, variable_axes={k: 0 for k in ("params",) + SIDE_COLLECTIONS},
                         split_rngs={"params": True, "jitter": True},
-                        in_axes=(nn.broadcast, nn.broadcast), length=repeats,
+                        in_axes=(nn.broadcast,) * 3, length=repeats,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x_BTD, _ = stack(*args, name=name)(x_BTD, positions_BT, tokens_BT)
+        x_BTD, _ = stack(*args, name=name)(x_BTD, positions_BT, tokens_BT, segment_ids_BT)
       else:
         for _ in range(repeats):
-          x_BTD, _ = unit(*args, name=f"layer_{layer}")(x_BTD, positions_BT, tokens_BT)
+          x_BTD, _ = unit(*args, name=f"layer_{layer}")(x_BTD, positions_BT, tokens_BT,
+                                                        segment_ids_BT)
           layer += len(kinds)
 
     x_BTD = RMSNorm(c.norm_eps, cdt, pdt, name="final_norm")(x_BTD)

@@ -125,22 +125,26 @@ class RecursiveStack(nn.Module):
     return ["first_layer"] + names + ["last_layer"] if self.cfg.recursion.middle else names
 
   @nn.compact
-  def __call__(self, x_BTD: Array, positions_BT: Array, tokens_BT: Array) -> Array:
+  def __call__(self, x_BTD: Array, positions_BT: Array, tokens_BT: Array,
+               segment_ids_BT: Array | None = None) -> Array:
     rc = self.cfg.recursion
+    if segment_ids_BT is not None and rc.router != "none":
+      raise ValueError("document masking (segment ids) is not supported with "
+                       f"Mixture-of-Recursions (router={rc.router!r})")
     blocks = {n: getattr(self, n) for n in self._block_names()}
     core = [blocks[n] for n in self._core_names()]
 
     if rc.middle:
-      x_BTD, _ = blocks["first_layer"](x_BTD, positions_BT, tokens_BT)
+      x_BTD, _ = blocks["first_layer"](x_BTD, positions_BT, tokens_BT, segment_ids_BT)
     loops = rc.loops_at(self.deterministic)
     if rc.strategy in ("sequence", "middle_sequence"):
       for blk in core:
         for r in range(loops):
-          x_BTD, _ = blk(x_BTD, positions_BT, tokens_BT, r)
+          x_BTD, _ = blk(x_BTD, positions_BT, tokens_BT, segment_ids_BT, r)
     else:
-      x_BTD = self._loop(core, loops, x_BTD, positions_BT, tokens_BT)
+      x_BTD = self._loop(core, loops, x_BTD, positions_BT, tokens_BT, segment_ids_BT)
     if rc.middle:
-      x_BTD, _ = blocks["last_layer"](x_BTD, positions_BT, tokens_BT)
+      x_BTD, _ = blocks["last_layer"](x_BTD, positions_BT, tokens_BT, segment_ids_BT)
     return x_BTD
 
   def _routers(self, d: int) -> dict:
@@ -202,7 +206,7 @@ class RecursiveStack(nn.Module):
     return keep_BT
 
   def _run_core(self, blocks, r: int, x_BTD, positions_BT, tokens_BT, mask_BT, shared,
-                rows_N=None, views=None):
+                rows_N=None, views=None, segment_ids_BT=None):
     """The core's blocks at step r. With `views` (decoding: each block's read-only cache
     for this step) it returns (h, {u: the new token's (k, v)}) and writes nothing."""
     h = x_BTD
@@ -212,7 +216,8 @@ class RecursiveStack(nn.Module):
       if kv_in is not None and rows_N is not None:
         kv_in = tuple(a[rows_N] for a in kv_in)
       view = views.get(u) if views is not None else None
-      h, kv = blk(h, positions_BT, tokens_BT, r, mask_BT, kv_in, rows_N, cache_view=view)
+      h, kv = blk(h, positions_BT, tokens_BT, segment_ids_BT, r, mask_BT, kv_in, rows_N,
+                   cache_view=view)
       if view is not None:
         new_kv[u] = kv
       if r == 0 and views is None:
@@ -298,13 +303,14 @@ class RecursiveStack(nn.Module):
                               variables=nn.DenyList("cache"))
     for u, blk in enumerate(blocks(self)):
       if u in new_kv:  # each row's new K/V into its compact cache: the masked path's write
-        blk(x_BTD, positions_BT, tokens_BT, r, sel_BT, write_kv=new_kv[u])
+        blk(x_BTD, positions_BT, tokens_BT, None, r, sel_BT, write_kv=new_kv[u])
     return x_BTD
 
   def _core_names(self) -> list[str]:
     return [f"shared_{u}" for u in range(self.cfg.recursion.num_core)]
 
-  def _loop(self, core, loops: int, x_BTD: Array, positions_BT: Array, tokens_BT: Array):
+  def _loop(self, core, loops: int, x_BTD: Array, positions_BT: Array, tokens_BT: Array,
+            segment_ids_BT: Array | None = None):
     rc = self.cfg.recursion
     b, t, d = x_BTD.shape
     f32 = jnp.float32
@@ -390,7 +396,8 @@ class RecursiveStack(nn.Module):
         x_BTD = x_BTD.at[rows, idx_BC].add(delta.astype(x_BTD.dtype))
       else:
         mask_BT = sel_BT if rc.router != "none" else None
-        h = self._run_core(core, r, x_BTD, positions_BT, tokens_BT, mask_BT, shared)
+        h = self._run_core(core, r, x_BTD, positions_BT, tokens_BT, mask_BT, shared,
+                           segment_ids_BT=segment_ids_BT)
         if rc.router == "none":
           x_BTD = h
         else:

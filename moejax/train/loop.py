@@ -31,6 +31,7 @@ from moejax import config as config_lib
 from moejax import distributed
 from moejax import flops as flops_lib
 from moejax import parallel
+from moejax.data.pipeline import build_data
 from moejax.models.lm import LM, STATE_COLLECTIONS, LMConfig
 from moejax.train import checkpoint as ckpt_lib
 from moejax.train.metrics import MetricsWriter, read_metrics
@@ -119,14 +120,25 @@ class Sharded:
       return self.fn.lower(*args)
 
 
-def evaluate(eval_step, params, model_state, batches, bytes_per_token: float) -> dict:
-  total, count = 0.0, 0.0
-  for b in batches:
-    out = eval_step(params, model_state, b)
-    total += float(out["loss_sum"])
-    count += float(out["count"])
-  loss = total / max(count, 1.0)
-  return {"loss": loss, "bpb": loss / math.log(2) / bytes_per_token, "tokens": count}
+def evaluate(eval_step, params, model_state, val_sets: dict[str, tuple[list, int]]) -> dict:
+  """Loss per token and bits per byte over exactly the evaluated windows.
+
+  `val_sets`: {source: (global batches, UTF-8 bytes of their target tokens)}. With
+  several sources the row also has "<source>/loss" and "<source>/bpb"; the overall bpb
+  is the summed loss over the summed bytes."""
+  out, total_all, count_all, bytes_all = {}, 0.0, 0.0, 0
+  for name, (batches, nbytes) in val_sets.items():
+    total, count = 0.0, 0.0
+    for b in batches:
+      r = eval_step(params, model_state, b)
+      total += float(r["loss_sum"])
+      count += float(r["count"])
+    if len(val_sets) > 1:
+      out[f"{name}/loss"] = total / max(count, 1.0)
+      out[f"{name}/bpb"] = total / math.log(2) / max(nbytes, 1)
+    total_all, count_all, bytes_all = total_all + total, count_all + count, bytes_all + nbytes
+  return {"loss": total_all / max(count_all, 1.0),
+          "bpb": total_all / math.log(2) / max(bytes_all, 1), "tokens": count_all, **out}
 
 
 class _Signals:
@@ -158,8 +170,6 @@ class _Signals:
 def train(config, workdir: str) -> dict:
   """Train (or resume) the run in `workdir`. Returns the final summary dict."""
   config_lib.validate(config)  # before anything is built or compiled
-  from moejax.data import build_data  # heavy imports only after the config is valid
-
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   t_start = time.time()
@@ -243,17 +253,17 @@ def train(config, workdir: str) -> dict:
       donate_argnums=(0,))
   eval_step = Sharded(make_eval_step(model), mesh, rules,
                       in_shardings=(state_sh.params, state_sh.model_state, batch_sharding))
-  val_batches = [_to_global(b, batch_sharding) for b in data.val_batches(tc.eval_batches)] \
-      if tc.eval_batches else []
+  val_sets = {name: ([_to_global(b, batch_sharding) for b in batches], nbytes)
+              for name, (batches, nbytes) in data.val_batches(tc.eval_batches).items()} \
+      if tc.eval_batches else {}
   tokens_per_step = config.data.batch_size * config.data.seq_len
-  bpt = data.info.get("val_bytes_per_token", 1.0)
   evals: list[dict] = []
 
   def run_eval(step):
-    if not val_batches:
+    if not val_sets:
       return None
-    ev = evaluate(eval_step, state.params, state.model_state, val_batches, bpt)
-    writer.write(step, "eval", {"loss": ev["loss"], "bpb": ev["bpb"]})
+    ev = evaluate(eval_step, state.params, state.model_state, val_sets)
+    writer.write(step, "eval", {k: v for k, v in ev.items() if k != "tokens"})
     evals.append({"step": step, **ev})
     return ev
 
@@ -297,7 +307,8 @@ def train(config, workdir: str) -> dict:
       if step % tc.log_every == 0 or step == tc.num_steps:
         loss = float(metrics["loss"])  # syncs
         row = {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
-               "lr": float(schedule(step - 1)), "tokens_seen": step * tokens_per_step}
+               "lr": float(schedule(step - 1)), "tokens_seen": step * tokens_per_step,
+               **data.progress(step * config.data.batch_size)}
         if "moe_stats" in metrics:
           row.update(moe_metrics(metrics))
         if "mor_stats" in metrics:

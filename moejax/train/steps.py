@@ -1,4 +1,8 @@
-"""TrainState and the pure, jitted train / eval steps."""
+"""TrainState and the pure, jitted train / eval steps.
+
+A batch is {"inputs", "targets"} int32 [B, T], plus "positions" and "segment_ids" when
+the data packs documents with masking (config.data.document_mask).
+"""
 
 from __future__ import annotations
 
@@ -60,7 +64,8 @@ def make_train_step(model, *, bias_update_rate: float = 0.0, debug_nan_step: int
 
   def loss_fn(params, model_state, batch, rng):
     variables = {"params": params, **model_state}
-    logits, side = model.apply(variables, batch["inputs"], rngs={"jitter": rng},
+    logits, side = model.apply(variables, batch["inputs"], batch.get("positions"),
+                               batch.get("segment_ids"), rngs={"jitter": rng},
                                mutable=["moe_losses", "moe_stats", "mor_losses", "mor_stats"])
     total, count = cross_entropy(logits, batch["targets"])
     ce = total / count
@@ -111,7 +116,8 @@ def make_train_step(model, *, bias_update_rate: float = 0.0, debug_nan_step: int
 def make_eval_step(model) -> Callable:
   """(params, model_state, batch) -> summed cross-entropy, for LM(cfg, deterministic=True)."""
   def eval_step(params, model_state, batch: dict) -> dict:
-    logits = model.apply({"params": params, **model_state}, batch["inputs"])
+    logits = model.apply({"params": params, **model_state}, batch["inputs"],
+                         batch.get("positions"), batch.get("segment_ids"))
     total, count = cross_entropy(logits, batch["targets"])
     return {"loss_sum": total, "count": count}
   return eval_step

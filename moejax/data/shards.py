@@ -1,0 +1,143 @@
+"""Random access into a prepared folder (moejax.data.prepare): a split as one long token
+stream read from its array_record shards, never held in memory.
+
+`open_prepared(dir, tokenizer)` checks the manifest against the tokenizer and every shard
+file against its recorded size before training starts; `TokenSplit.read(start, n)` reads
+tokens [start, start + n) of the split's stream (it may cross records and shards) through
+grain's `ArrayRecordDataSource` (index offloaded to disk: memory stays flat in the number
+of records).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import grain
+import numpy as np
+
+from moejax.data import prepare as prepare_lib
+
+
+class ShardError(ValueError):
+  """A prepared folder that cannot be read as it claims: names the path."""
+
+
+@dataclasses.dataclass
+class TokenSplit:
+  """One split of a prepared folder."""
+
+  folder: str
+  split: str
+  num_tokens: int
+  num_docs: int
+  num_bytes: int
+  dtype: np.dtype
+  chunk: int
+  paths: list[str]
+  token_starts: np.ndarray  # [S + 1] first token of each shard in the stream
+  record_starts: np.ndarray  # [S] first global record index of each shard
+  _source: Any = None
+
+  def _records(self) -> Any:
+    if self._source is None:
+      self._source = grain.sources.ArrayRecordDataSource(
+          self.paths, reader_options={"index_storage_option": "offloaded",
+                                      "footer_prefetch_bytes": "0"})
+    return self._source
+
+  def read(self, start: int, n: int) -> np.ndarray:
+    """Tokens [start, start + n) of the stream (as stored: uint16 or uint32)."""
+    return self.read_many(np.asarray([start]), n)[0]
+
+  def read_many(self, starts_R: np.ndarray, n: int) -> np.ndarray:
+    """[R, n] tokens: row r holds [starts_R[r], starts_R[r] + n); one batched read."""
+    starts_R = np.asarray(starts_R, np.int64)
+    if len(starts_R) and (starts_R.min() < 0 or starts_R.max() + n > self.num_tokens):
+      raise IndexError(f"tokens [{starts_R.min()}, {starts_R.max() + n}) outside the "
+                       f"{self.split} split of {self.folder} ({self.num_tokens} tokens)")
+    pieces = []  # (row, dest offset, global record, offset in record, count, shard)
+    for row, start in enumerate(starts_R.tolist()):
+      pos, end = start, start + n
+      while pos < end:
+        s = int(np.searchsorted(self.token_starts, pos, side="right")) - 1
+        r, off = divmod(pos - int(self.token_starts[s]), self.chunk)
+        take = min(end - pos, self.chunk - off, int(self.token_starts[s + 1]) - pos)
+        pieces.append((row, pos - start, int(self.record_starts[s]) + r, off, take, s))
+        pos += take
+    records = sorted({p[2] for p in pieces})
+    try:
+      raws = dict(zip(records, self._records().__getitems__(records)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise ShardError(f"cannot read records of {self.folder} split {self.split} "
+                       f"({type(e).__name__}: {e}); the shard may be corrupt: prepare "
+                       "the folder again") from e
+    out = np.empty((len(starts_R), n), self.dtype)
+    for row, dest, rec, off, take, s in pieces:
+      arr = np.frombuffer(raws[rec], self.dtype)
+      if len(arr) < off + take:
+        raise ShardError(f"{self.paths[s]}: record {rec - int(self.record_starts[s])} holds "
+                         f"{len(arr)} tokens, fewer than the manifest implies: the shard is "
+                         "corrupt; prepare the folder again")
+      out[row, dest:dest + take] = arr[off:off + take]
+    return out
+
+
+@dataclasses.dataclass
+class Prepared:
+  """A prepared folder: its manifest and its splits."""
+
+  folder: str
+  manifest: dict[str, Any]
+  splits: dict[str, TokenSplit]
+
+  @property
+  def name(self) -> str:
+    return os.path.basename(os.path.normpath(self.folder))
+
+
+def open_prepared(folder: str, tokenizer: Any) -> Prepared:
+  """Opens and checks a prepared folder for reading with `tokenizer`."""
+  folder = os.path.abspath(os.path.expanduser(folder))
+  if not os.path.isdir(folder):
+    raise ShardError(f"prepared folder {folder!r} does not exist")
+  manifest = prepare_lib.read_manifest(folder)
+  if manifest is None:
+    raise ShardError(f"{folder!r} has no readable manifest.json: it is not a prepared folder, "
+                     "or its preparation did not finish; run `python -m moejax.data.prepare "
+                     f"--config ... --out {folder}` (it resumes)")
+  if manifest.get("format") != prepare_lib.FORMAT:
+    raise ShardError(f"{folder}/manifest.json has format {manifest.get('format')!r}, not "
+                     f"{prepare_lib.FORMAT!r}")
+  if manifest["tokenizer"] != tokenizer.identity:
+    raise ShardError(
+        f"{folder} was prepared with tokenizer {manifest['tokenizer']!r} "
+        f"({manifest.get('tokenizer_spec')}), but config.data names {tokenizer.identity!r}: "
+        "set config.data.tokenizer (and spm_model / hf_tokenizer) to the folder's, or "
+        "prepare the corpus again with this tokenizer")
+  dtype, chunk = np.dtype(manifest["dtype"]), int(manifest["chunk_tokens"])
+  splits = {}
+  for split, sp in manifest["splits"].items():
+    paths, tok_starts, rec_starts, t, r = [], [0], [], 0, 0
+    for info in sp["shards"]:
+      path = os.path.join(folder, info["file"])
+      if not os.path.isfile(path):
+        raise ShardError(f"shard {path} named in {folder}/manifest.json is missing")
+      size = os.path.getsize(path)
+      if size != info["file_bytes"]:
+        raise ShardError(f"shard {path} has {size} bytes, the manifest says "
+                         f"{info['file_bytes']}: it is truncated or was changed; prepare "
+                         "the folder again")
+      if info["records"] != -(-info["tokens"] // chunk):
+        raise ShardError(f"{folder}/manifest.json: shard {info['file']} lists "
+                         f"{info['records']} records for {info['tokens']} tokens")
+      paths.append(path)
+      rec_starts.append(r)
+      t += info["tokens"]
+      r += info["records"]
+      tok_starts.append(t)
+    splits[split] = TokenSplit(folder, split, t, sp["docs"], sp["bytes"], dtype, chunk, paths,
+                               np.asarray(tok_starts, np.int64),
+                               np.asarray(rec_starts, np.int64))
+  return Prepared(folder, manifest, splits)
