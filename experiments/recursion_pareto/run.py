@@ -55,13 +55,15 @@ def eval_both_routings(workdir: str, batches: int = 16) -> dict:
   """Validation loss of a trained MoR run with threshold (causal) and top-k routing."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from moejax.data import build_data  # pylint: disable=g-import-not-at-top
+  from moejax.data.pipeline import build_data  # pylint: disable=g-import-not-at-top
   from moejax.generate import load_run  # pylint: disable=g-import-not-at-top
   from moejax.models.lm import LM  # pylint: disable=g-import-not-at-top
   from moejax.train.steps import cross_entropy  # pylint: disable=g-import-not-at-top
   config, _, mc, params, _, state = load_run(workdir)
   data = build_data(config.data, seed=config.seed, process_index=0, process_count=1)
-  bpt = data.info.get("val_bytes_per_token", 1.0)
+  val_sets = data.val_batches(batches)  # {source: (batches, UTF-8 bytes of their targets)}
+  val = [b for bs, _ in val_sets.values() for b in bs]
+  nbytes = sum(n for _, n in val_sets.values())
   out = {}
   for routing in ("threshold", "topk"):
     cfg = dataclasses.replace(mc, recursion=dataclasses.replace(mc.recursion,
@@ -76,12 +78,12 @@ def eval_both_routings(workdir: str, batches: int = 16) -> dict:
 
     total = count = 0.0
     depths = []
-    for b in data.val_batches(batches):
+    for b in val:
       t, c, d = run(b["inputs"], b["targets"])
       total, count = total + float(t), count + float(c)
       depths.append(float(d))
     loss = total / count
-    out[routing] = {"val_loss": loss, "val_bpb": loss / np.log(2) / bpt,
+    out[routing] = {"val_loss": loss, "val_bpb": total / np.log(2) / nbytes,
                     "mean_depth": float(np.mean(depths))}
   return out
 

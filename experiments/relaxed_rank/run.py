@@ -48,7 +48,7 @@ def main() -> None:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from moejax.data import build_data  # pylint: disable=g-import-not-at-top
+  from moejax.data.pipeline import build_data  # pylint: disable=g-import-not-at-top
   from moejax.generate import load_run  # pylint: disable=g-import-not-at-top
   from moejax.models.lm import LM, param_count  # pylint: disable=g-import-not-at-top
   from moejax.recursion import relaxed  # pylint: disable=g-import-not-at-top
@@ -59,10 +59,12 @@ def main() -> None:
   config, _, mc, params, step, _ = load_run(a.vanilla)
   data = build_data(config.data, seed=config.seed, verbose=False)
   val = data.val_batches(a.val_batches)
-  bpt = data.info.get("val_bytes_per_token", 1.0)
 
   def evaluate(cfg, prm) -> float:
-    return run_eval(jax.jit(make_eval_step(LM(cfg))), prm, {}, val, bpt)["loss"]
+    return run_eval(jax.jit(make_eval_step(LM(cfg))), prm, {}, val)["loss"]
+
+  def bits_per_byte(cfg, prm) -> float:
+    return run_eval(jax.jit(make_eval_step(LM(cfg))), prm, {}, val)["bpb"]
 
   def uptrain(cfg, prm):
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(
@@ -84,6 +86,7 @@ def main() -> None:
 
   t0 = time.time()
   untied_loss = evaluate(mc, params)
+  untied_bpb = bits_per_byte(mc, params)
   untied_up = evaluate(mc, uptrain(mc, params)) if a.uptrain_steps else None
   rows = [{"variant": "untied", "rank": None, "init": None, "params": param_count(params),
            "val_loss": untied_loss, "val_loss_uptrained": untied_up}]
@@ -111,7 +114,7 @@ def main() -> None:
                "wall_s": time.time() - t0, "rows": rows}, f, indent=1)
   after = f"; after {a.uptrain_steps} more steps {untied_up:.4f}" if untied_up else ""
   lines = [f"Untied 6-layer model: val loss {untied_loss:.4f} nats/byte-token "
-           f"({untied_loss / np.log(2) / bpt:.3f} bits/byte){after}.", "",
+           f"({untied_bpb:.3f} bits/byte){after}.", "",
            "| init | LoRA rank | params | LoRA rel. error | val loss at conversion | gap | "
            f"after {a.uptrain_steps} steps | gap |", "|---|---|---|---|---|---|---|---|"]
   for r in rows[1:]:
