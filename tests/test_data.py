@@ -299,7 +299,7 @@ def test_tfds_source(tmp_path):
 
 # ------------------------------------------------------------------ prepare: resume, workers
 
-def test_prepare_resumes_and_workers_agree(tmp_path):
+def test_prepare_resumes_and_workers_agree(tmp_path, monkeypatch):
   make_corpus(tmp_path, num_files=30)
   d = data_cfg(tmp_path, paths=(str(tmp_path / "corp"),))
   out = str(tmp_path / "prep")
@@ -328,6 +328,14 @@ def test_prepare_resumes_and_workers_agree(tmp_path):
   prepare_lib.prepare(d, out2, workers=2, verbose=False, plan=plan)
   for s in ref:
     np.testing.assert_array_equal(whole_split(out2, s), ref[s])
+  # Random windows across many small shards (with at most 2 readers open) equal the
+  # stream's slices.
+  monkeypatch.setattr(shards, "MAX_OPEN_SHARDS", 2)
+  sp = shards.open_prepared(out2, tokenizers.make_tokenizer(d)).splits["train"]
+  starts = np.random.default_rng(0).integers(0, sp.num_tokens - 1500, 40)
+  got = sp.read_many(starts, 1500)
+  np.testing.assert_array_equal(got, np.stack([ref["train"][a:a + 1500] for a in starts]))
+  assert len(sp._readers) == 2  # pylint: disable=protected-access
   # Another tokenizer may not reuse the folder.
   d2 = data_cfg(tmp_path, paths=d.paths, append_eos=True)
   with pytest.raises(ValueError, match="append_eos"):

@@ -58,35 +58,28 @@ def test_packed_window_equals_each_document_alone(name):
   np.testing.assert_array_equal(fields["positions"][0],
                                 np.concatenate([np.arange(n) for n in LENGTHS]))
 
-  x_1T = jnp.asarray(packed_T[None], jnp.int32)
-  params = model.init(jax.random.PRNGKey(1), x_1T)["params"]
-
-  def forward(tokens, positions=None, segment_ids=None):
-    out = model.apply({"params": params}, tokens, positions, segment_ids,
-                      mutable=["moe_losses", "moe_stats", "intermediates"])
-    return out[0]
-
-  @jax.jit
-  def all_logits(x_1T, pos_1T, seg_1T):
-    masked = forward(x_1T, pos_1T, seg_1T)
-    unmasked = forward(x_1T)
-    # each document alone, at the front of a window padded with later tokens: causality
-    # makes the padding irrelevant to the document's own positions
-    alone = [forward(jnp.roll(x_1T, -start, axis=1)) for start in np.cumsum((0,) + LENGTHS[:-1])]
-    return masked, unmasked, alone
-
-  masked, unmasked, alone = all_logits(
-      x_1T, jnp.asarray(fields["positions"]), jnp.asarray(fields["segment_ids"]))
+  # one forward of 2 + len(docs) rows (a compilation per config): row 0 packed with the
+  # document fields; row 1 packed, one segment, positions 0..T-1 (= no masking); row 2 + i
+  # document i alone at the front of the window. Causality makes what follows a document
+  # irrelevant to its own positions; routing is per token (dropless), rows independent.
+  starts = np.cumsum((0,) + LENGTHS[:-1])
+  rows = [packed_T, packed_T] + [np.roll(packed_T, -st) for st in starts]
+  arange = np.arange(T)
+  pos = np.stack([fields["positions"][0], arange] + [arange] * len(docs))
+  seg = np.stack([fields["segment_ids"][0]] + [np.ones(T, np.int32)] * (1 + len(docs)))
+  x_BT = jnp.asarray(np.stack(rows), jnp.int32)
+  params = model.init(jax.random.PRNGKey(1), x_BT[:1])["params"]
+  logits = jax.jit(lambda x, p, s: model.apply(
+      {"params": params}, x, p, s, mutable=["moe_losses", "moe_stats", "intermediates"])[0])(
+          x_BT, jnp.asarray(pos), jnp.asarray(seg))
+  masked, unmasked, alone = logits[0], logits[1], logits[2:]
   assert float(jnp.abs(masked).max()) > 0.5  # the comparisons are between O(1) logits
-  start = 0
-  for i, n in enumerate(LENGTHS):
-    np.testing.assert_allclose(masked[0, start:start + n], alone[i][0, :n], atol=2e-5,
-                               rtol=1e-5, err_msg=f"{name}: document {i} differs when packed")
-    start += n
+  for i, (st, n) in enumerate(zip(starts, LENGTHS)):
+    np.testing.assert_allclose(masked[st:st + n], alone[i, :n], atol=2e-5, rtol=1e-5,
+                               err_msg=f"{name}: document {i} differs when packed")
   # and the mask does something: without it the later documents see the earlier ones
-  later = slice(LENGTHS[0], T)
-  assert float(jnp.abs(unmasked[0, later] - masked[0, later]).max()) > 1e-2
-  np.testing.assert_allclose(unmasked[0, :LENGTHS[0]], masked[0, :LENGTHS[0]], atol=2e-5)
+  assert float(jnp.abs(unmasked[LENGTHS[0]:] - masked[LENGTHS[0]:]).max()) > 1e-2
+  np.testing.assert_allclose(unmasked[:LENGTHS[0]], masked[:LENGTHS[0]], atol=2e-5)
 
 
 def test_document_mask_is_refused_with_a_mor_router():
