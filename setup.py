@@ -25,6 +25,7 @@ setup(
         "tensorboardX>=2.6",
         "sentencepiece>=0.2.0",
         "tokenizers>=0.20",  # Hugging Face tokenizer.json files
+        "safetensors>=0.4",  # Hugging Face checkpoints (moejax.hf)
         "pyarrow>=15.0",  # Parquet sources and Hugging Face datasets saved to disk
         "matplotlib>=3.8",  # experiment and scaling plots
     ],

@@ -22,6 +22,7 @@ from moejax.configlib import float_range as _float_range
 from moejax.configlib import nonneg_int as _nonneg_int
 from moejax.configlib import pos_int as _pos_int
 from moejax.data import config as data_config
+from moejax.layers import config as layers_config
 from moejax.moe import config as moe_config
 from moejax.recursion import config as recursion_config
 
@@ -49,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.scan_layers = True
   m.init_std = 0.02
   m.logits_soft_cap = 0.0  # 0 disables
+  layers_config.add_defaults(m)  # attention options: biases, QK norm, window, RoPE scaling
 
   m.moe = moe_config.defaults()
   m.recursion = recursion_config.defaults()
@@ -185,41 +187,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 
 
-
-
-
-
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
   """Check every field before anything is built. Raises ConfigError."""
-  m, o, t = config.model, config.optim, config.train
+  o, t = config.optim, config.train
   _nonneg_int(config, "seed")
-
-  # model
-  _nonneg_int(config, "model.vocab_size")
-  for f in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff"):
-    _pos_int(config, f"model.{f}")
-  if m.num_heads % m.num_kv_heads:
-    _fail("model.num_kv_heads", m.num_kv_heads,
-          f"must divide model.num_heads={m.num_heads} (grouped-query attention)")
-  if m.head_dim % 2:
-    _fail("model.head_dim", m.head_dim, "must be even (RoPE rotates pairs)")
-  _nonneg_int(config, "model.max_seq_len")
-  _float_range(config, "model.rope_theta", 0, 1e12, lo_open=True)
-  _float_range(config, "model.norm_eps", 0, 1, lo_open=True)
-  _float_range(config, "model.init_std", 0, 10, lo_open=True)
-  _float_range(config, "model.logits_soft_cap", 0, 1e6)
-  _choice(config, "model.param_dtype", DTYPES)
-  _choice(config, "model.compute_dtype", DTYPES)
-  _choice(config, "model.remat", REMAT)
-  if not isinstance(m.tie_embeddings, bool):
-    _fail("model.tie_embeddings", m.tie_embeddings, "must be True or False")
-  if not isinstance(m.scan_layers, bool):
-    _fail("model.scan_layers", m.scan_layers, "must be True or False")
-
-  moe_config.validate(config)
-  recursion_config.validate(config)
+  validate_model(config)
   _validate_mesh(config)
   _validate_dist(config)
 
@@ -255,6 +227,35 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for f in ("async_checkpoint", "progress_bar", "tensorboard"):
     if not isinstance(t[f], bool):
       _fail(f"train.{f}", t[f], "must be True or False")
+
+
+def validate_model(config: ml_collections.ConfigDict) -> None:
+  """The model section alone (what a model built without data needs, e.g. moejax.hf)."""
+  m = config.model
+  _nonneg_int(config, "model.vocab_size")
+  for f in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff"):
+    _pos_int(config, f"model.{f}")
+  if m.num_heads % m.num_kv_heads:
+    _fail("model.num_kv_heads", m.num_kv_heads,
+          f"must divide model.num_heads={m.num_heads} (grouped-query attention)")
+  if m.head_dim % 2:
+    _fail("model.head_dim", m.head_dim, "must be even (RoPE rotates pairs)")
+  _nonneg_int(config, "model.max_seq_len")
+  _float_range(config, "model.rope_theta", 0, 1e12, lo_open=True)
+  _float_range(config, "model.norm_eps", 0, 1, lo_open=True)
+  _float_range(config, "model.init_std", 0, 10, lo_open=True)
+  _float_range(config, "model.logits_soft_cap", 0, 1e6)
+  _choice(config, "model.param_dtype", DTYPES)
+  _choice(config, "model.compute_dtype", DTYPES)
+  _choice(config, "model.remat", REMAT)
+  if not isinstance(m.tie_embeddings, bool):
+    _fail("model.tie_embeddings", m.tie_embeddings, "must be True or False")
+  if not isinstance(m.scan_layers, bool):
+    _fail("model.scan_layers", m.scan_layers, "must be True or False")
+
+  layers_config.validate(config)
+  moe_config.validate(config)
+  recursion_config.validate(config)
 
 
 def _validate_mesh(config) -> None:

@@ -33,6 +33,9 @@ class Accounting:
 def layer_params(c: LMConfig, kind: str = "dense") -> tuple[int, int]:
   """(total, active-per-token) parameters of one block."""
   attn = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+  attn += c.head_dim * (c.num_heads + 2 * c.num_kv_heads) * c.qkv_bias + c.d_model * c.out_bias
+  attn += {"none": 0, "head": 2 * c.head_dim,
+           "full": c.head_dim * (c.num_heads + c.num_kv_heads)}[c.qk_norm]
   norms = 2 * c.d_model
   if kind == "dense":
     n = attn + 3 * c.d_model * c.d_ff + norms
@@ -40,7 +43,8 @@ def layer_params(c: LMConfig, kind: str = "dense") -> tuple[int, int]:
   m = c.moe
   expert = 3 * c.d_model * m.expert_d_ff
   router = 0 if m.router == "hash" else c.d_model * m.num_experts
-  shared = m.num_shared * expert
+  shared = (3 * c.d_model * m.shared_d_ff if m.shared_d_ff else m.num_shared * expert)
+  shared += c.d_model * m.shared_gate
   base = attn + norms + router + shared
   return base + m.num_experts * expert, base + m.k * expert
 
@@ -55,7 +59,8 @@ def _block_flops(c: LMConfig, kind: str, keys: float, kv: bool = True) -> float:
   else:
     m = c.moe
     router = 0 if m.router == "hash" else 2 * d * m.num_experts
-    ffn = router + 2 * 3 * d * m.expert_d_ff * (m.k + m.num_shared)
+    shared_f = m.shared_d_ff or m.num_shared * m.expert_d_ff
+    ffn = router + 2 * 3 * d * (m.expert_d_ff * m.k + shared_f) + 2 * d * m.shared_gate
   return proj + scores + ffn
 
 

@@ -223,7 +223,7 @@ def _parts_none(mc: LMConfig, call: Call, t: int) -> tuple[float, float]:
   ffn = d * c + norm
   if call.kind == "moe":
     m = mc.moe
-    ffn += 3 * m.num_experts * 4 + 16 * m.k + sw * m.num_shared * m.expert_d_ff * c / t
+    ffn += 3 * m.num_experts * 4 + 16 * m.k + sw * (m.shared_d_ff or m.num_shared * m.expert_d_ff) * c / t
   else:
     ffn += sw * mc.d_ff * c / t
   if call.recursive_step:
@@ -241,7 +241,8 @@ def saved_per_token(mc: LMConfig, call: Call, t: int) -> float:
     return sum(_parts_none(mc, call, t))
   if policy == "full":
     return d * c + step
-  f = (mc.moe.num_shared * mc.moe.expert_d_ff if call.kind == "moe" else mc.d_ff)
+  f = ((mc.moe.shared_d_ff or mc.moe.num_shared * mc.moe.expert_d_ff) if call.kind == "moe"
+       else mc.d_ff)
   n = d * c + (h + 2 * k) * dh * c / t + d * c + 2 * f * c / t + step
   if call.kind == "moe":
     n += mc.moe.num_experts * 4

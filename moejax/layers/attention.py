@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.layers.common import Array, constrain, param_init, rope
+from moejax.layers import rope as rope_lib
+from moejax.layers.common import Array, RMSNorm, constrain, param_init
 from moejax.layers.lora import lora_delta, lora_factors
 
 NEG_INF = -1e30
@@ -54,6 +55,12 @@ class Attention(nn.Module):
   lora_rank: int = 0
   lora_scale: float = 1.0
   cache_lens: tuple[int, ...] = ()  # compacted cache slots per slot index; () = max_seq_len
+  qkv_bias: bool = False  # biases on q, k, v (Qwen2)
+  out_bias: bool = False  # bias on the output projection
+  qk_norm: str = "none"  # none | head (RMSNorm per head, Qwen3) | full (over H*Dh, OLMoE)
+  norm_eps: float = 1e-6  # of the QK norms
+  sliding_window: int = 0  # > 0: a query sees only the last `sliding_window` positions
+  rope_scaling: rope_lib.RopeScaling | None = None
 
   @nn.compact
   def __call__(self, x_BTD: Array, positions_BT: Array, *, loop: int = 0, slot: int = 0,
@@ -97,17 +104,34 @@ class Attention(nn.Module):
         y = y + lora_delta(x, *lora[name], loop, n_in, self.lora_scale)
       return y
 
+    inv_freq, rope_factor = rope_lib.frequencies(dh, self.rope_theta, self.rope_scaling)
+
+    def project(name, x, w, spec, n):  # [B, T, n, Dh]: projection, bias, QK norm, RoPE
+      y = proj(name, x, w, spec)
+      if self.qkv_bias:
+        axes = ("heads" if name == "q" else "kv_heads", "head_dim")
+        y = y + self.param(f"{name}_bias", nn.with_logical_partitioning(
+            nn.initializers.zeros, axes), (n, dh), self.param_dtype).astype(self.dtype)
+      if self.qk_norm == "head" and name != "v":
+        y = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, axis="head_dim",
+                    name=f"{name}_norm")(y)
+      elif self.qk_norm == "full" and name != "v":
+        b_, t_ = y.shape[:2]
+        y = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, axis=None,
+                    name=f"{name}_norm")(y.reshape(b_, t_, n * dh)).reshape(b_, t_, n, dh)
+      if name == "v":
+        return y
+      return rope_lib.apply_rope(y, positions_BT, inv_freq, rope_factor)
+
     x = x_BTD.astype(self.dtype)
-    q_BTHD = proj("q", x, w_q, "btd,dhe->bthe")
-    q_BTHD = constrain(rope(q_BTHD, positions_BT, self.rope_theta),
+    q_BTHD = constrain(project("q", x, w_q, "btd,dhe->bthe", h),
                        ("batch", "length", "heads", "head_dim"))
     if shared_kv is not None:  # KV sharing: another call's keys/values (already cached)
       k_all, v_all, kpos_BS, kvalid_BS = shared_kv
     else:
-      k_BTKD = proj("k", x, w_k, "btd,dke->btke")
-      v_BTKD = proj("v", x, w_v, "btd,dke->btke")
-      k_BTKD = constrain(rope(k_BTKD, positions_BT, self.rope_theta),
+      k_BTKD = constrain(project("k", x, w_k, "btd,dke->btke", k),
                          ("batch", "length", "kv_heads", "head_dim"))
+      v_BTKD = project("v", x, w_v, "btd,dke->btke", k)
       if cache_view is not None:
         k_all, v_all, kpos_BS, kvalid_BS = self._view_compact_cache(
             cache_view, k_BTKD, v_BTKD, positions_BT, token_mask_BT, rows_N)
@@ -120,6 +144,8 @@ class Attention(nn.Module):
       else:
         k_all, v_all, kpos_BS, kvalid_BS = k_BTKD, v_BTKD, positions_BT, token_mask_BT
     mask_BTS = kpos_BS[:, None, :] <= positions_BT[:, :, None]
+    if self.sliding_window:
+      mask_BTS = mask_BTS & (kpos_BS[:, None, :] > positions_BT[:, :, None] - self.sliding_window)
     if kvalid_BS is not None:
       mask_BTS = mask_BTS & kvalid_BS[:, None, :]
     if segment_ids_BT is not None:
@@ -128,6 +154,9 @@ class Attention(nn.Module):
       mask_BTS = mask_BTS & (segment_ids_BT[:, None, :] == segment_ids_BT[:, :, None])
     out_BTHD = attend(q_BTHD, k_all, v_all, mask_BTS)
     out_BTD = proj("o", out_BTHD, w_o, "bthe,hed->btd", n_in=2)
+    if self.out_bias:
+      out_BTD = out_BTD + self.param("o_bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, ("embed",)), (d,), self.param_dtype).astype(self.dtype)
     out_BTD = constrain(out_BTD, ("batch", "length", "embed"))
     if return_kv and cache_view is not None:
       return out_BTD, (k_BTKD, v_BTKD)

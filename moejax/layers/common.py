@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.layers import rope as rope_lib
+
 Array = jax.Array
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -42,17 +44,18 @@ class RMSNorm(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   copies: int = 0
+  axis: str | None = "embed"  # logical axis of the scale
 
   @nn.compact
   def __call__(self, x_BTD: Array, index: int = 0) -> Array:
     d = x_BTD.shape[-1]
     if self.copies:
       scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
-                                                                 ("loops", "embed")),
+                                                                 ("loops", self.axis)),
                            (self.copies, d), self.param_dtype)[index]
     else:
       scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
-                                                                 ("embed",)),
+                                                                 (self.axis,)),
                            (d,), self.param_dtype)
     x = x_BTD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
@@ -60,13 +63,6 @@ class RMSNorm(nn.Module):
 
 
 def rope(x_BTHD: Array, positions_BT: Array, theta: float) -> Array:
-  """Rotary position embedding (rotate-half convention), computed in float32."""
-  dh = x_BTHD.shape[-1]
-  freq = theta ** (-jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)  # [Dh/2]
-  angle_BTF = positions_BT.astype(jnp.float32)[..., None] * freq
-  sin = jnp.sin(angle_BTF)[:, :, None, :]
-  cos = jnp.cos(angle_BTF)[:, :, None, :]
-  x = x_BTHD.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BTHD.dtype)
+  """Plain rotary position embedding (rotate-half); scalings in moejax.layers.rope."""
+  return rope_lib.apply_rope(x_BTHD, positions_BT, *rope_lib.frequencies(x_BTHD.shape[-1],
+                                                                        theta, None))

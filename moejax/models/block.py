@@ -50,7 +50,9 @@ class Block(nn.Module):
 
     attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, c.init_std,
                      c.out_std, c.max_seq_len, self.decode, cdt, pdt, loops, lora_rank,
-                     lora_scale, cache_lens, name="attn")
+                     lora_scale, cache_lens, qkv_bias=c.qkv_bias, out_bias=c.out_bias,
+                     qk_norm=c.qk_norm, norm_eps=c.norm_eps, sliding_window=c.sliding_window,
+                     rope_scaling=c.rope_scaling, name="attn")
     if write_kv is not None:  # the cache write of a row-gathered decoding step only
       attn(x_BTD, positions_BT, slot=loop, token_mask_BT=token_mask_BT, write_kv=write_kv)
       return x_BTD, None

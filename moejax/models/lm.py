@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.layers.common import Array, RMSNorm, constrain, dtype, param_init
+from moejax.layers.rope import RopeScaling
 from moejax.models.block import REMAT_POLICIES, Block, BlockGroup  # noqa: F401 (re-exported)
 from moejax.moe.layer import MoEConfig
 from moejax.recursion.mor import RecursiveStack
@@ -42,6 +43,11 @@ class LMConfig:
   scan_layers: bool = True
   init_std: float = 0.02
   logits_soft_cap: float = 0.0
+  qkv_bias: bool = False
+  out_bias: bool = False
+  qk_norm: str = "none"
+  sliding_window: int = 0
+  rope_scaling: RopeScaling | None = None
   moe: MoEConfig | None = None
   recursion: RecursionConfig | None = None
 
@@ -50,7 +56,9 @@ class LMConfig:
     """Build from `config.model`; vocab_size=0 there means the tokenizer's (padded to 8)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     kw = {k: v for k, v in dict(model_cfg).items()
-          if k in fields and k not in ("moe", "recursion")}
+          if k in fields and k not in ("moe", "recursion", "rope_scaling")}
+    if "rope_scaling" in model_cfg and model_cfg.rope_scaling.type != "none":
+      kw["rope_scaling"] = RopeScaling.from_config(model_cfg.rope_scaling)
     if "moe" in model_cfg:
       kw["moe"] = MoEConfig.from_config(model_cfg.moe, model_cfg.d_ff)
     if "recursion" in model_cfg:

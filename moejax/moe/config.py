@@ -25,6 +25,8 @@ def defaults() -> ml_collections.ConfigDict:
   e.granularity = 1  # m: m*N experts of width expert_d_ff/m, m*k active (DeepSeekMoE)
   e.expert_d_ff = 0  # width of one unsegmented expert; 0 -> model.d_ff
   e.num_shared_experts = 0  # K_s shared experts (segmented width), see every token
+  e.shared_expert_d_ff = 0  # total width of the shared experts; 0 = K_s * segment width
+  e.shared_expert_gate = False  # sigmoid(x w) gate on the shared experts' output (Qwen2-MoE)
   e.router = "topk"  # topk | deepseek | expert_choice | hash
   e.renormalize = True  # topk: renormalise the k chosen probabilities
   e.jitter = 0.0  # topk: multiplicative input noise in training (Switch)
@@ -59,7 +61,8 @@ def validate(config) -> None:
     return
   for f in ("experts_per_token", "granularity", "moe_every", "min_capacity"):
     pos_int(config, f"model.moe.{f}")
-  for f in ("expert_d_ff", "num_shared_experts", "first_dense", "n_groups", "topk_groups"):
+  for f in ("expert_d_ff", "num_shared_experts", "first_dense", "n_groups", "topk_groups",
+            "shared_expert_d_ff"):
     nonneg_int(config, f"model.moe.{f}")
   choice(config, "model.moe.router", ROUTERS)
   choice(config, "model.moe.backend", BACKENDS)
@@ -90,7 +93,10 @@ def validate(config) -> None:
     if e.topk_groups * (n_exp // e.n_groups) < e.experts_per_token * e.granularity - e.num_shared_experts:
       fail("model.moe.topk_groups", e.topk_groups,
             "the kept groups must hold at least k (segmented) experts")
-  for f in ("renormalize", "allow_noncausal"):
+  if (e.shared_expert_d_ff or e.shared_expert_gate) and not e.num_shared_experts:
+    fail("model.moe.num_shared_experts", e.num_shared_experts,
+         "must be >= 1 when shared_expert_d_ff or shared_expert_gate is set")
+  for f in ("renormalize", "allow_noncausal", "shared_expert_gate"):
     if not isinstance(e[f], bool):
       fail(f"model.moe.{f}", e[f], "must be True or False")
   if e.router == "expert_choice" and not e.allow_noncausal:

@@ -46,6 +46,8 @@ class MoEConfig:
   k: int
   expert_d_ff: int
   num_shared: int = 0
+  shared_d_ff: int = 0  # total shared-expert width (0 = num_shared * expert_d_ff)
+  shared_gate: bool = False  # sigmoid gate on the shared output (Qwen2-MoE)
   router: str = "topk"
   renormalize: bool = True
   jitter: float = 0.0
@@ -76,6 +78,7 @@ class MoEConfig:
     return cls(
         num_experts=e.num_experts * m, k=e.experts_per_token * m - e.num_shared_experts,
         expert_d_ff=(e.expert_d_ff or d_ff) // m, num_shared=e.num_shared_experts,
+        shared_d_ff=e.get("shared_expert_d_ff", 0), shared_gate=e.get("shared_expert_gate", False),
         router=e.router, renormalize=e.renormalize, jitter=e.jitter, route_scale=e.route_scale,
         init_scale=e.init_scale,
         n_groups=e.n_groups, topk_groups=e.topk_groups, bias_update_rate=e.bias_update_rate,
@@ -171,8 +174,13 @@ class MoEFFN(nn.Module):
                                 capacity=capacity)
     y_BTD = y_ND.reshape(b, t, d).astype(self.dtype)
     if c.num_shared:
-      y_BTD = y_BTD + MLP(c.num_shared * f, std_in, std_out, self.dtype,
-                          self.param_dtype, name="shared")(x_BTD)
+      shared_BTD = MLP(c.shared_d_ff or c.num_shared * f, std_in, std_out, self.dtype,
+                       self.param_dtype, name="shared")(x_BTD)
+      if c.shared_gate:
+        w_sg = self.param("shared_gate", param_init(std_in, ("embed", None)), (d, 1),
+                          self.param_dtype)
+        shared_BTD = jax.nn.sigmoid(x_BTD.astype(self.dtype) @ w_sg.astype(self.dtype)) * shared_BTD
+      y_BTD = y_BTD + shared_BTD
     if token_mask_BT is not None:
       y_BTD = jnp.where(token_mask_BT[..., None].astype(bool), y_BTD, 0).astype(self.dtype)
 
