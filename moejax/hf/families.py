@@ -265,6 +265,7 @@ def to_hf_config(fam: Family, m: Any) -> dict[str, Any]:
       "intermediate_size": m.d_ff, "max_position_embeddings": m.max_seq_len,
       "rms_norm_eps": m.norm_eps, "tie_word_embeddings": m.tie_embeddings,
       "hidden_act": "silu", "rope_theta": m.rope_theta, "torch_dtype": "float32",
+      "initializer_range": m.init_std,
   }
   r = m.rope_scaling
   rope: dict[str, Any] = {"rope_type": "default"}
