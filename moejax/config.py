@@ -103,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.tensorboard = True
   t.debug_nan_step = -1  # testing aid: poison the loss at this step (>= 1)
   t.peak_flops = 0.0  # per device, for MFU; 0 -> measured matmul peak
+  # start from pretrained parameters (fresh optimizer): a Hugging Face folder or a moejax
+  # run directory; ignored once the run has its own checkpoint (moejax/train/init_from.py)
+  t.init_from = ""
   c.lock()  # a misspelled field in a config file is an error, not a silent new field
   return c
 
@@ -224,6 +227,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if (isinstance(t.debug_nan_step, bool) or not isinstance(t.debug_nan_step, int)
       or t.debug_nan_step < -1 or t.debug_nan_step == 0):
     _fail("train.debug_nan_step", t.debug_nan_step, "must be -1 (off) or a step >= 1")
+  if not isinstance(t.init_from, str):
+    _fail("train.init_from", t.init_from, "must be a path string ('' = random init)")
   for f in ("async_checkpoint", "progress_bar", "tensorboard"):
     if not isinstance(t[f], bool):
       _fail(f"train.{f}", t[f], "must be True or False")

@@ -77,6 +77,24 @@ def abstract_params(model: LM) -> Any:
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))["params"]
 
 
+def load_params(path: str, cfg: LMConfig, shapes: Any, shardings: Any,
+                verbose: bool = False) -> Any:
+  """The params of an LMConfig `cfg` (abstract tree `shapes`, its `shardings`) read from
+  a Hugging Face folder, each leaf built in its sharding."""
+  fam = fam_lib.family_of(read_hf_config(path), os.path.join(path, "config.json"))
+  folder = ckpt_lib.TensorFolder(path)
+  sources, _ = ckpt_lib.plan(cfg, fam, shapes, folder)
+  bar = None
+  if verbose:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top  (only with a progress bar)
+    bar = tqdm(total=len(jax.tree.leaves(shapes)), desc="moejax.hf.load", unit="tensor")
+  params = ckpt_lib.place(sources, shapes, shardings, folder,
+                          progress=bar.update if bar else None)
+  if bar:
+    bar.close()
+  return params
+
+
 def load(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
          scan_layers: bool = True, verbose: bool = False) -> tuple[LM, dict[str, Any]]:
   """(model, variables) from a Hugging Face folder; `model.apply(variables, ids_BT)`
@@ -84,7 +102,6 @@ def load(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = Non
   logical-axis rules (moejax.parallel), each device's slice read on its own."""
   c = config_from_hf(path, dtype, scan_layers)
   model = model_from_config(c)
-  fam = fam_lib.family_of(read_hf_config(path))
   boxed = abstract_params(model)
   shapes = nn.unbox(boxed)
   if mesh is None:
@@ -92,17 +109,30 @@ def load(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = Non
     shardings = jax.tree.map(lambda _: dev, shapes)
   else:
     shardings = parallel.logical_shardings(boxed, mesh, parallel.rules_from_config(c.mesh))
-  folder = ckpt_lib.TensorFolder(path)
-  sources, _ = ckpt_lib.plan(model.cfg, fam, shapes, folder)
-  bar = None
-  if verbose:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=len(jax.tree.leaves(shapes)), desc="moejax.hf.load", unit="tensor")
-  params = ckpt_lib.place(sources, shapes, shardings, folder,
-                          progress=bar.update if bar else None)
-  if bar:
-    bar.close()
-  return model, {"params": params}
+  return model, {"params": load_params(path, model.cfg, shapes, shardings, verbose)}
+
+
+ARCH_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+               "d_ff", "rope_theta", "norm_eps", "tie_embeddings", "qkv_bias", "out_bias",
+               "qk_norm", "sliding_window")
+MOE_FIELDS = ("num_experts", "experts_per_token", "expert_d_ff", "num_shared_experts",
+              "shared_expert_d_ff", "shared_expert_gate", "renormalize", "first_dense",
+              "moe_every", "granularity", "router")
+
+
+def architecture_diff(path: str, model_cfg: ml_collections.ConfigDict) -> list[str]:
+  """Fields of `model_cfg` that differ from what the Hugging Face folder's config.json
+  says (the architecture only: dtypes, remat, training coefficients may differ)."""
+  want = config_from_hf(path).model
+  diff = [f"model.{f}: config {model_cfg[f]!r}, {path}/config.json {want[f]!r}"
+          for f in ARCH_FIELDS if model_cfg[f] != want[f]]
+  diff += [f"model.rope_scaling.{f}: config {model_cfg.rope_scaling[f]!r}, checkpoint "
+           f"{want.rope_scaling[f]!r}" for f in want.rope_scaling
+           if model_cfg.rope_scaling[f] != want.rope_scaling[f]]
+  if want.moe.num_experts or model_cfg.moe.num_experts:
+    diff += [f"model.moe.{f}: config {model_cfg.moe[f]!r}, checkpoint {want.moe[f]!r}"
+             for f in MOE_FIELDS if model_cfg.moe[f] != want.moe[f]]
+  return diff
 
 
 def _to_hf_array(x: np.ndarray, transform: str) -> np.ndarray:

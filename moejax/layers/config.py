@@ -10,9 +10,9 @@ from __future__ import annotations
 import ml_collections
 
 from moejax.configlib import boolean, choice, fail, float_range, nonneg_int
-from moejax.layers.rope import TYPES as ROPE_TYPES
 
 QK_NORMS = ("none", "head", "full")
+ROPE_TYPES = ("none", "linear", "llama3", "yarn")  # moejax/layers/rope.py implements them
 
 
 def add_defaults(m: ml_collections.ConfigDict) -> None:

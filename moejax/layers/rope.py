@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-TYPES = ("none", "linear", "llama3", "yarn")
+from moejax.layers.config import ROPE_TYPES as TYPES
 
 
 @dataclasses.dataclass(frozen=True)

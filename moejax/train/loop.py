@@ -32,8 +32,10 @@ from moejax import distributed
 from moejax import flops as flops_lib
 from moejax import parallel
 from moejax.data.pipeline import build_data
+from moejax.data.tokenizers import make_tokenizer
 from moejax.models.lm import LM, STATE_COLLECTIONS, LMConfig
 from moejax.train import checkpoint as ckpt_lib
+from moejax.train import init_from as init_from_lib
 from moejax.train.metrics import MetricsWriter, read_metrics
 from moejax.train.optimizer import make_optimizer
 from moejax.train.steps import TrainState, make_eval_step, make_train_step
@@ -170,6 +172,8 @@ class _Signals:
 def train(config, workdir: str) -> dict:
   """Train (or resume) the run in `workdir`. Returns the final summary dict."""
   config_lib.validate(config)  # before anything is built or compiled
+  if config.train.init_from:
+    init_from_lib.kind_of(os.path.abspath(os.path.expanduser(config.train.init_from)))
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   t_start = time.time()
@@ -236,10 +240,17 @@ def train(config, workdir: str) -> dict:
     ckpt.quarantine([s for s in ckpt.bad_steps if s > int(restored[2]["step"])])
     payload, data_state, cmeta = restored
     state = state.replace(**payload)
-    data.train_iter.set_state(data_state)
+    if data_state:  # {} in a checkpoint written by `moejax.convert from-hf`
+      data.train_iter.set_state(data_state)
     writer.truncate_after(int(cmeta["step"]))
     if is_main:
       print(f"[moejax] resumed from checkpoint at step {int(cmeta['step'])}", flush=True)
+  elif tc.init_from:
+    def source_state(src_config):
+      return abstract_train_state(src_config, make_tokenizer(src_config.data).vocab_size, mesh)
+    params = init_from_lib.initial_params(config, mc, abstract_like(state.params), source_state,
+                                          verbose=is_main)
+    state = state.replace(params=params)
   start = int(state.step)
 
   batch_sharding = parallel.batch_sharding(mesh, rules)
