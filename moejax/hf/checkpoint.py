@@ -15,11 +15,12 @@ import dataclasses
 import json
 import math
 import os
+import struct
 from typing import Any, Callable
 
 import jax
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 from moejax.hf import families as fam_lib
 
@@ -32,49 +33,84 @@ class CheckpointError(ValueError):
   """A Hugging Face folder whose tensors do not match its config: names them."""
 
 
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+           "BOOL": np.bool_}
+
+
 class TensorFolder:
-  """The safetensors files of a Hugging Face folder (one file, or shards + index)."""
+  """The safetensors files of a Hugging Face folder (one file, or shards + index).
+
+  Tensors are read with positioned reads (os.pread) from the files' headers, not memory
+  maps, so a read costs exactly the bytes asked for and nothing stays resident after."""
 
   def __init__(self, folder: str):
     self.folder = folder
     index = os.path.join(folder, INDEX)
     if os.path.isfile(index):
       with open(index) as f:
-        self.weight_map = dict(json.load(f)["weight_map"])
+        files = sorted(set(json.load(f)["weight_map"].values()))
     elif os.path.isfile(os.path.join(folder, SINGLE)):
-      self.weight_map = None
+      files = [SINGLE]
     else:
       present = sorted(os.listdir(folder))[:20]
       raise CheckpointError(f"{folder} holds neither {SINGLE} nor {INDEX} (found {present}); "
                             "a PyTorch .bin checkpoint must be converted to safetensors first")
-    self._files: dict[str, Any] = {}
-    if self.weight_map is None:
-      self.weight_map = {k: SINGLE for k in self._open(SINGLE).keys()}
-    for file in sorted(set(self.weight_map.values())):
-      if not os.path.isfile(os.path.join(folder, file)):
-        raise CheckpointError(f"{os.path.join(folder, file)} is named in {INDEX} but missing")
+    self._fds: dict[str, int] = {}
+    self.entries: dict[str, tuple[str, np.dtype, tuple[int, ...], int]] = {}
+    for file in files:
+      path = os.path.join(folder, file)
+      if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is named in {INDEX} but missing")
+      self._read_header(file, path)
 
-  def _open(self, file: str):
-    if file not in self._files:
-      try:
-        self._files[file] = safe_open(os.path.join(self.folder, file), framework="np")
-      except Exception as e:  # pylint: disable=broad-except
-        raise CheckpointError(f"cannot read {os.path.join(self.folder, file)}: "
-                              f"{type(e).__name__}: {e}") from e
-    return self._files[file]
+  def _read_header(self, file: str, path: str) -> None:
+    size = os.path.getsize(path)
+    try:
+      fd = self._fds[file] = os.open(path, os.O_RDONLY)
+      (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+      if n > min(size - 8, 100 << 20):
+        raise ValueError(f"header length {n} exceeds the file")
+      header = json.loads(os.pread(fd, n, 8))
+    except (OSError, ValueError, struct.error) as e:
+      raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from e
+    base = 8 + n
+    for name, info in header.items():
+      if name == "__metadata__":
+        continue
+      if info["dtype"] not in _DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}; supported: "
+                              f"{sorted(_DTYPES)}")
+      lo, hi = info["data_offsets"]
+      dt, shape = np.dtype(_DTYPES[info["dtype"]]), tuple(info["shape"])
+      if hi - lo != math.prod(shape) * dt.itemsize or base + hi > size:
+        raise CheckpointError(f"{path}: tensor {name} ({info['dtype']} {list(shape)}) does "
+                              "not fit its byte range: the file is truncated or corrupt")
+      self.entries[name] = (file, dt, shape, base + lo)
 
   def names(self) -> set[str]:
-    return set(self.weight_map)
+    return set(self.entries)
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
+    return self.entries[name][2]
 
   def get(self, name: str, rows: slice | None = None) -> np.ndarray:
     """The tensor (or rows of its first axis), as stored (bf16 via ml_dtypes)."""
-    f = self._open(self.weight_map[name])
-    if rows is None:
-      return f.get_tensor(name)
-    return f.get_slice(name)[rows]
+    file, dt, shape, offset = self.entries[name]
+    lo, hi, _ = (rows or slice(None)).indices(shape[0] if shape else 1)
+    row = math.prod(shape[1:]) * dt.itemsize
+    n = (hi - lo) * row if shape else dt.itemsize
+    buf = bytearray(n)
+    got = os.preadv(self._fds[file], [buf], offset + lo * row) if n else 0
+    if got != n:
+      raise CheckpointError(f"{os.path.join(self.folder, file)}: short read of {name}")
+    arr = np.frombuffer(buf, dt)
+    return arr.reshape(((hi - lo),) + shape[1:]) if shape else arr.reshape(())
+
+  def close(self) -> None:
+    for fd in self._fds.values():
+      os.close(fd)
+    self._fds = {}
 
 
 # ------------------------------------------------------------------ sources of one leaf
@@ -162,11 +198,12 @@ def _path_names(path) -> tuple[str, ...]:
   return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
 
 
-def plan(cfg: Any, fam: fam_lib.Family, shapes: Any, folder: TensorFolder,
+def plan(cfg: Any, fam: fam_lib.Family, shapes: Any, folder: TensorFolder | None,
          fused: bool | None = None) -> tuple[dict[tuple[str, ...], Any], bool]:
   """{moejax param path: source} for the abstract param tree `shapes`; checks names and
-  shapes of every tensor first. `fused=None` detects the expert layout."""
-  names = folder.names()
+  shapes of every tensor of `folder` first (folder=None: no checks, the plan of what a
+  folder must hold). `fused=None` detects the expert layout."""
+  names = folder.names() if folder is not None else set()
   if fused is None:
     fused = any(n.endswith("experts.gate_up_proj") for n in names)
   slots = layer_slots(cfg)
@@ -183,7 +220,9 @@ def plan(cfg: Any, fam: fam_lib.Family, shapes: Any, folder: TensorFolder,
       return Stacked(parts, shape)
     want = expected_hf_shape(transform, shape)
     used.add(name)
-    if name not in names:
+    if folder is None:
+      pass
+    elif name not in names:
       problems.append(f"missing tensor {name} (expected shape {list(want)})")
     elif folder.shape(name) != want:
       problems.append(f"tensor {name} has shape {list(folder.shape(name))}, expected "
@@ -217,11 +256,29 @@ def plan(cfg: Any, fam: fam_lib.Family, shapes: Any, folder: TensorFolder,
   problems += [f"unexpected tensor {n} {list(folder.shape(n))} (not used by the {fam.name} "
                "mapping)" for n in extra]
   if problems:
+    where = folder.folder if folder is not None else "the plan"
     head = "\n  ".join(problems[:12])
     more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
-    raise CheckpointError(f"{folder.folder}: the tensors do not match config.json "
+    raise CheckpointError(f"{where}: the tensors do not match config.json "
                           f"({fam.name}):\n  {head}{more}")
   return sources, fused
+
+
+def tensors_of(sources: dict) -> list[Tensor]:
+  """Every Hugging Face tensor a plan reads, once each, in plan order."""
+  out, seen = [], set()
+
+  def walk(src):
+    if isinstance(src, Stacked):
+      for p in src.parts:
+        walk(p)
+    elif src.name not in seen:
+      seen.add(src.name)
+      out.append(src)
+
+  for src in sources.values():
+    walk(src)
+  return out
 
 
 def place(sources: dict, shapes: Any, shardings: Any, folder: TensorFolder,
@@ -236,7 +293,22 @@ def place(sources: dict, shapes: Any, shardings: Any, folder: TensorFolder,
     def cb(index, src=src, leaf_dtype=sds.dtype):
       return src.read(folder, tuple(index)).astype(leaf_dtype)
 
-    out.append(jax.make_array_from_callback(tuple(sds.shape), sharding, cb))
+    out.append(_make_array(tuple(sds.shape), sharding, cb))
     if progress:
       progress()
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _make_array(shape: tuple[int, ...], sharding: Any, cb: Callable) -> jax.Array:
+  """`jax.make_array_from_callback`, one distinct slice at a time: each slice this process's
+  devices hold is read once, put on its devices and dropped before the next is read."""
+  groups: dict[tuple, tuple[tuple, list]] = {}
+  for dev, index in sharding.addressable_devices_indices_map(shape).items():
+    key = tuple((s.start, s.stop, s.step) for s in index)
+    groups.setdefault(key, (index, []))[1].append(dev)
+  arrays = []
+  for index, devs in groups.values():
+    x = cb(index)
+    arrays += [jax.device_put(x, d) for d in devs]
+    del x
+  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
