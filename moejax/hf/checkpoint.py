@@ -153,7 +153,24 @@ class Stacked:
     first = index[0] if index else slice(None)
     rest = tuple(index[1:])
     picked = range(len(self.parts))[first]
-    return np.stack([self.parts[i].read(folder, rest) for i in picked])
+    out = None
+    for j, i in enumerate(picked):  # filled in place: one part in memory besides `out`
+      x = self.parts[i].read(folder, rest)
+      if out is None:
+        out = aligned_empty((len(picked),) + x.shape, x.dtype)
+      out[j] = x
+      del x
+    return out
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
+  """An uninitialised array whose data starts on an `align`-byte boundary, so the CPU
+  client can take it as a device buffer without another copy."""
+  dtype = np.dtype(dtype)
+  n = math.prod(shape) * dtype.itemsize
+  raw = np.empty(n + align, np.uint8)
+  off = (-raw.ctypes.data) % align
+  return raw[off:off + n].view(dtype).reshape(shape)
 
 
 def expected_hf_shape(transform: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -291,7 +308,7 @@ def place(sources: dict, shapes: Any, shardings: Any, folder: TensorFolder,
     src = sources[_path_names(path)]
 
     def cb(index, src=src, leaf_dtype=sds.dtype):
-      return src.read(folder, tuple(index)).astype(leaf_dtype)
+      return src.read(folder, tuple(index)).astype(leaf_dtype, copy=False)
 
     out.append(_make_array(tuple(sds.shape), sharding, cb))
     if progress:
