@@ -91,3 +91,34 @@ def test_init_from_refuses_what_does_not_fit(hf_folder, tmp_path):
   with pytest.raises(ConfigError, match="must be a Hugging Face folder"):
     _run(tmp_path / "z", init_from=str(tmp_path / "nowhere"))
   assert not os.path.exists(tmp_path / "z" / "checkpoints")
+
+
+def test_from_hf_carries_the_tokenizer_into_generation(tmp_path, capsys):
+  """A folder with tokenizer.json: the converted config selects data.tokenizer='hf' and
+  moejax.generate encodes the prompt and decodes with it."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 50, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<|endoftext|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  c = load_config(CFG, [f"--config.{o}" for o in ("model.vocab_size=304", "model.d_model=32",
+                                                  "model.d_ff=64", "model.num_layers=1",
+                                                  "model.max_seq_len=64")])
+  model = hf.model_from_config(c)
+  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))["params"]
+  folder = tmp_path / "with-tok"
+  hf.save(model, {"params": params}, str(folder))
+  tok.save(str(folder / "tokenizer.json"))
+  (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>"}))
+  w = tmp_path / "w"
+  convert.from_hf(str(folder), str(w))
+  cfg = json.load(open(w / "config.json"))
+  assert cfg["data"]["tokenizer"] == "hf"
+  assert os.path.isfile(os.path.join(cfg["data"]["hf_tokenizer"], "tokenizer.json"))
+  from moejax import generate
+  capsys.readouterr()
+  assert generate.main(["--workdir", str(w), "--prompt", "def f", "--max_new_tokens", "4",
+                        "--temperature", "0"]) == 0
+  assert capsys.readouterr().out.startswith("def f")
